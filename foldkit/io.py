@@ -1,0 +1,61 @@
+"""Atomic artifact writes and the toolkit's user-facing error type.
+
+Every artifact is written to a temporary file in the destination folder and then moved into place
+with ``os.replace``, so a crash or Ctrl-C never leaves a half-written CSV or checkpoint behind that a
+later step would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class FoldkitError(Exception):
+    """A problem with the user's input or artifacts; entry points print it and exit with status 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it over ``path``, on error delete it.
+
+    Use this for writers that want a file name (``torch.save``, ``fig.savefig``, ``df.to_csv``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[IO[Any]], None], mode: str = "w") -> Path:
+    """Open a temporary file beside ``path`` in ``mode``, let ``writer`` fill it, then move it into place."""
+    with atomic_path(path) as tmp:
+        kwargs = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
+        with open(tmp, mode, **kwargs) as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda fh: fh.write(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda fh: fh.write(data), mode="wb")
