@@ -1,0 +1,145 @@
+"""Inference with test-time augmentation (ttach), shared by OOF prediction and test inference.
+
+One code path for both, so the probabilities the blend is fitted on (OOF) are produced exactly the
+way the test probabilities it is applied to are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import ttach
+from torch import nn
+from tqdm.auto import tqdm
+
+from foldkit.augment import eval_transform
+from foldkit.config import RunConfig, from_dict
+from foldkit.dataset import ImageDataset, make_loader
+from foldkit.io import FoldkitError
+from foldkit.models import create_model, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def tta_transforms(names: Sequence[str]) -> ttach.Compose | None:
+    """ttach transforms for the config's TTA names; None when no TTA (``none`` or empty)."""
+    names = [n for n in names if n != "none"]
+    if not names:
+        return None
+    if "d4" in names:
+        return ttach.aliases.d4_transform()
+    ops = []
+    if "hflip" in names:
+        ops.append(ttach.HorizontalFlip())
+    if "vflip" in names:
+        ops.append(ttach.VerticalFlip())
+    if "rot90" in names:
+        ops.append(ttach.Rotate90(angles=[0, 90, 180, 270]))
+    return ttach.Compose(ops)
+
+
+class _Probability(nn.Module):
+    """Sigmoid on the model's logit, so ttach averages probabilities rather than logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x).float())
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Mixed precision on CUDA when asked; a no-op elsewhere."""
+    if dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    tta: Sequence[str] = (),
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Probabilities of class 1 for every item of ``loader``'s dataset, in dataset order."""
+    net: nn.Module = _Probability(model)
+    transforms = tta_transforms(tta)
+    if transforms is not None:
+        net = ttach.ClassificationTTAWrapper(net, transforms, merge_mode="mean")
+    model.eval()
+    out = np.full(len(loader.dataset), np.nan, dtype=np.float64)
+    channels_last = device.type == "cuda"
+    for images, _, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            probs = net(images)
+        out[idx.numpy()] = probs.float().reshape(-1).cpu().numpy()
+    if np.isnan(out).any():
+        raise RuntimeError("some images received no prediction")
+    return out
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a foldkit checkpoint safely (tensors and plain values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FoldkitError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FoldkitError(f"{path}: not a loadable foldkit checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise FoldkitError(f"{path}: not a foldkit checkpoint (needs 'model' and 'config' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> tuple[nn.Module, RunConfig]:
+    """Rebuild the network a checkpoint was trained with and load its (validated) weights."""
+    cfg = from_dict(ckpt["config"], "checkpoint config: ")
+    model = create_model(cfg, ckpt["backbone"], pretrained=False)
+    load_weights(model, ckpt["model"])
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg
+
+
+def predict_checkpoint(
+    ckpt: dict[str, Any],
+    data_dir: str | Path,
+    paths: Sequence[str],
+    tta: Sequence[str],
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Probabilities for ``paths`` (relative to ``data_dir``) from a loaded checkpoint, with TTA."""
+    model, cfg = model_from_checkpoint(ckpt, device)
+    transform = eval_transform(cfg.data.img_size, tuple(ckpt["mean"]), tuple(ckpt["std"]))
+    ds = ImageDataset(data_dir, paths, [-1] * len(paths), transform)
+    loader = make_loader(ds, batch_size, shuffle=False, workers=workers, seed=0, pin=device.type == "cuda")
+    return predict_probs(model, loader, device, tta, amp_dtype, desc)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Content hash of a file, used to tell whether a cached prediction is still valid."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

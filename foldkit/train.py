@@ -1,0 +1,410 @@
+"""Train one backbone on one fold: ``fit_fold`` leaves checkpoints, logs and the fold's OOF file.
+
+Per epoch: AdamW + cosine schedule with warmup (timm), optional EMA of weights (validated and saved
+when on), AMP and channels_last on CUDA, gradient clipping and accumulation, early stopping on the
+chosen metric. After the last epoch the best checkpoint predicts the holdout with the config's TTA
+through ``foldkit.predict``, the same path test inference uses.
+
+Room is left for crash-safe resume (``last.pt`` holds optimizer, scheduler and EMA state) and for
+torchrun DDP (the loaders are built in one place, ``_loaders``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import timm.optim
+import timm.scheduler
+import timm.utils
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from foldkit import __version__
+from foldkit.augment import eval_transform, train_transform
+from foldkit.blend import best_threshold
+from foldkit.config import RunConfig, save_config, to_dict
+from foldkit.dataset import ImageDataset, make_loader
+from foldkit.io import atomic_path, atomic_write_text
+from foldkit.models import count_params, create_model, data_stats
+from foldkit.predict import autocast, file_sha256, load_checkpoint, predict_checkpoint, predict_probs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPaths:
+    """Where one (experiment, backbone, fold) run leaves its artifacts."""
+
+    model_dir: Path
+    oof_dir: Path
+    fold: int
+
+    @classmethod
+    def of(cls, work_dir: Path, exp: str, backbone: str, fold: int) -> RunPaths:
+        safe = backbone.replace("/", "_")
+        return cls(work_dir / "models" / exp / safe / f"fold{fold}", work_dir / "oof" / exp / safe, fold)
+
+    @property
+    def oof_csv(self) -> Path:
+        return self.oof_dir / f"fold{self.fold}.csv"
+
+    @property
+    def oof_meta(self) -> Path:
+        return self.oof_dir / f"fold{self.fold}.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA request without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' was asked for but CUDA is not available")
+    return device
+
+
+def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; never on CPU."""
+    if device.type != "cuda" or cfg.train.amp == "none":
+        return None
+    if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+
+
+def epoch_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Validation loss, AUC, F1 at 0.5 and the best F1 with its threshold."""
+    eps = 1e-7
+    pc = np.clip(p, eps, 1 - eps)
+    loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    pred = p >= 0.5
+    tp = float(np.sum(pred & (y == 1)))
+    f1_05 = 2 * tp / max(1.0, float(pred.sum() + (y == 1).sum()))
+    thr, best_f1 = best_threshold(y.astype(int), p)
+    return {"val_loss": loss, "auc": auc, "f1_05": f1_05, "best_f1": float(best_f1), "threshold": float(thr)}
+
+
+def _score(metrics: dict[str, float], metric: str) -> float:
+    """Higher is better for every selection metric."""
+    return {"f1": metrics["best_f1"], "auc": metrics["auc"], "loss": -metrics["val_loss"]}[metric]
+
+
+def _pos_weight(cfg: RunConfig, labels: np.ndarray) -> float:
+    pw = cfg.train.pos_weight
+    if pw == "balanced":
+        return float((labels == 0).sum() / max(1, (labels == 1).sum()))
+    return 1.0 if pw is None else float(pw)
+
+
+def _loaders(cfg: RunConfig, data_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, mean, std, pin):
+    size = cfg.data.img_size
+    train_ds = ImageDataset(
+        data_dir, train_df.path, train_df.label, train_transform(cfg.augment, size, mean, std, cfg.seed)
+    )
+    val_ds = ImageDataset(data_dir, val_df.path, val_df.label, eval_transform(size, mean, std))
+    workers = cfg.data.workers
+    train_dl = make_loader(train_ds, cfg.train.batch_size, True, workers, cfg.seed, pin, drop_last=True)
+    if len(train_dl) == 0:  # fewer images than one batch: keep the partial batch rather than none
+        train_dl = make_loader(train_ds, cfg.train.batch_size, True, workers, cfg.seed, pin)
+    val_dl = make_loader(val_ds, cfg.train.batch_size * 2, False, workers, cfg.seed, pin)
+    return train_dl, val_dl
+
+
+@dataclass
+class _Trainer:
+    """The mutable state of one fit: model, EMA, optimiser, schedule, scaler."""
+
+    cfg: RunConfig
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: timm.utils.ModelEmaV3 | None
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def train_epoch(self, loader, epoch: int) -> tuple[float, float]:
+        """One pass over ``loader``; returns (mean loss, images per second)."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.model.train()
+        if cfg.data.workers == 0:  # workers reseed themselves in _seed_worker; the main process here
+            loader.dataset.transform.set_random_seed(cfg.seed * 1000 + epoch)
+        n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
+        total, seen, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for i, (images, labels, _) in enumerate(bar):
+            if i >= n_batches:
+                break
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+            if self.device.type == "cuda" and tc.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = labels * (1 - tc.label_smoothing) + 0.5 * tc.label_smoothing
+            with autocast(self.device, self.dtype):
+                loss = self.criterion(self.model(images).float().reshape(-1), targets)
+            self.scaler.scale(loss / tc.accum_steps).backward()
+            if (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches:
+                self._optimizer_step()
+            total += loss.item() * len(images)
+            seen += len(images)
+            rate = seen / max(1e-9, time.perf_counter() - start)
+            bar.set_postfix(
+                loss=f"{total / seen:.4f}",
+                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{rate:.0f}",
+            )
+        return total / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+
+
+def _make_trainer(
+    cfg: RunConfig, model: nn.Module, device: torch.device, steps_per_epoch: int, pos_weight: float
+) -> _Trainer:
+    tc = cfg.train
+    if device.type == "cuda" and tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
+    updates = max(1, steps_per_epoch // tc.accum_steps)
+    scheduler = timm.scheduler.CosineLRScheduler(
+        optimizer,
+        t_initial=updates * tc.epochs,
+        lr_min=tc.min_lr,
+        warmup_t=int(updates * tc.warmup_epochs),
+        warmup_lr_init=tc.lr * 0.01,
+        t_in_epochs=False,
+    )
+    ema = timm.utils.ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
+    if tc.compile:
+        model = torch.compile(model)
+    dtype = amp_dtype(cfg, device)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return _Trainer(cfg, model, device, dtype, criterion, optimizer, scheduler, ema, scaler)
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("_orig_mod."): v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
+
+
+def _attach_log(model_dir: Path) -> logging.Handler:
+    """Copy the foldkit log of this run into its folder (``train.log``)."""
+    handler = logging.FileHandler(model_dir / "train.log", mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("foldkit").addHandler(handler)
+    return handler
+
+
+def fit_fold(
+    cfg: RunConfig,
+    backbone: str,
+    fold: int,
+    folds_df: pd.DataFrame,
+    folds_hash: str,
+    data_dir: Path,
+    work_dir: Path,
+    exp: str,
+) -> dict[str, Any]:
+    """Train ``backbone`` on folds != ``fold``, select on fold ``fold``, write the fold's OOF file.
+
+    Returns a summary: best epoch, score, threshold, and the paths written.
+    """
+    paths = RunPaths.of(work_dir, exp, backbone, fold)
+    paths.model_dir.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log(paths.model_dir)
+    try:
+        return _fit(cfg, backbone, fold, folds_df, folds_hash, data_dir, paths)
+    finally:
+        logging.getLogger("foldkit").removeHandler(handler)
+        handler.close()
+
+
+def _fit(cfg, backbone, fold, folds_df, folds_hash, data_dir, paths: RunPaths) -> dict[str, Any]:
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    save_config(cfg, paths.model_dir / "config.yaml")
+    train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
+    model = create_model(cfg, backbone)
+    mean, std = data_stats(model)
+    model.to(device)
+    train_dl, val_dl = _loaders(cfg, data_dir, train_df, val_df, mean, std, device.type == "cuda")
+    steps = (
+        len(train_dl)
+        if cfg.train.max_train_batches is None
+        else min(len(train_dl), cfg.train.max_train_batches)
+    )
+    trainer = _make_trainer(cfg, model, device, steps, _pos_weight(cfg, train_df.label.to_numpy()))
+    log.info(
+        "%s fold %d: %d train / %d val images, %d params, device %s, amp %s",
+        backbone,
+        fold,
+        len(train_df),
+        len(val_df),
+        count_params(model),
+        device,
+        trainer.dtype,
+    )
+    base = {
+        "backbone": backbone,
+        "fold": fold,
+        "config": to_dict(cfg),
+        "folds_hash": folds_hash,
+        "mean": list(mean),
+        "std": list(std),
+        "metric": cfg.train.metric,
+        "foldkit_version": __version__,
+    }
+    y_val = val_df.label.to_numpy().astype(np.float64)
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, stale = -np.inf, -1, 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        train_loss, rate = trainer.train_epoch(train_dl, epoch)
+        probs = predict_probs(trainer.eval_model(), val_dl, device, (), trainer.dtype, desc="validate")
+        m = epoch_metrics(y_val, probs)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            **m,
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "img_s": rate,
+        }
+        history.append(row)
+        _write_history(paths.model_dir / "history.csv", history)
+        log.info(
+            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f auc %.4f f1@0.5 %.4f best_f1 %.4f "
+            "@ %.3f  %.0f img/s",
+            backbone,
+            fold,
+            epoch,
+            cfg.train.epochs,
+            train_loss,
+            m["val_loss"],
+            m["auc"],
+            m["f1_05"],
+            m["best_f1"],
+            m["threshold"],
+            rate,
+        )
+        score = _score(m, cfg.train.metric)
+        payload = {**base, "epoch": epoch, "score": score, "threshold": m["threshold"], "val": m}
+        if score > best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            _save_checkpoint(paths.model_dir / "best.pt", {**payload, "model": _state(trainer.eval_model())})
+        else:
+            stale += 1
+        _save_checkpoint(
+            paths.model_dir / "last.pt",
+            {
+                **payload,
+                "model": _state(trainer.eval_model()),
+                "raw_model": _state(trainer.model),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "step": trainer.step,
+            },
+        )
+        if cfg.train.patience is not None and stale >= cfg.train.patience:
+            log.info(
+                "%s fold %d: early stop after epoch %d (best epoch %d)", backbone, fold, epoch, best_epoch
+            )
+            break
+    oof = write_oof(cfg, paths, val_df, data_dir, folds_hash, device, trainer.dtype)
+    return {
+        "backbone": backbone,
+        "fold": fold,
+        "best_epoch": best_epoch,
+        "score": float(best_score),
+        "model_dir": str(paths.model_dir),
+        "oof": str(oof),
+    }
+
+
+def write_oof(
+    cfg: RunConfig,
+    paths: RunPaths,
+    val_df: pd.DataFrame,
+    data_dir: Path,
+    folds_hash: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> Path:
+    """Predict the holdout with the best checkpoint and the config's TTA; write ``fold<k>.csv`` and
+    its sidecar ``fold<k>.json`` (folds hash, checkpoint hash, TTA, config)."""
+    best = paths.model_dir / "best.pt"
+    ckpt = load_checkpoint(best)
+    probs = predict_checkpoint(
+        ckpt,
+        data_dir,
+        val_df.path.tolist(),
+        cfg.tta,
+        cfg.train.batch_size * 2,
+        cfg.data.workers,
+        device,
+        dtype,
+        desc=f"oof fold {paths.fold}",
+    )
+    oof = pd.DataFrame(
+        {"name": val_df.name.to_numpy(), "label": val_df.label.to_numpy(), "fold": paths.fold, "prob": probs}
+    )
+    atomic_write_text(paths.oof_csv, oof.to_csv(index=False, float_format="%.8f"))
+    meta = {
+        "backbone": ckpt["backbone"],
+        "fold": paths.fold,
+        "n": len(oof),
+        "folds_hash": folds_hash,
+        "tta": list(cfg.tta),
+        "checkpoint": str(best),
+        "checkpoint_sha256": file_sha256(best),
+        "best_epoch": ckpt["epoch"],
+        "config": ckpt["config"],
+    }
+    atomic_write_text(paths.oof_meta, json.dumps(meta, indent=2))
+    return paths.oof_csv
