@@ -1,0 +1,101 @@
+"""Blend the out-of-fold predictions, tune the F1 threshold, and write the submission.
+
+    python ensemble.py --mode val                     # OOF report: oof/<exp>/report.md (+ .json, PNGs)
+    python ensemble.py --mode test                    # + submissions/<exp>/prediction.txt, probs.csv
+    python ensemble.py --mode test --exp demo --data-dir data/demo --tta d4 --prediction_file prediction.txt
+    python ensemble.py --mode val --exp default,big --blend weighted --allow-partial
+
+The blend method (default: the one with the best nested-CV F1), its weights and the threshold are
+fitted on OOF and applied unchanged to the fold-averaged test predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from foldkit.blend import METHODS
+from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.config import TTA_NAMES
+from foldkit.io import FoldkitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--mode",
+        choices=("val", "test"),
+        default="val",
+        help="val: OOF report only; test: report + submission",
+    )
+    add_path_args(p)
+    p.add_argument("--exp", default="default", help="experiment(s) to blend, comma-separated")
+    p.add_argument(
+        "--blend",
+        choices=("auto", *METHODS),
+        default="auto",
+        help="blend method; auto picks the best nested-CV F1",
+    )
+    p.add_argument(
+        "--tta",
+        default=None,
+        help=f"TTA for test (and OOF, re-predicted if it differs): {', '.join(TTA_NAMES)} or a "
+        "comma list; default: the TTA the OOF files were made with",
+    )
+    p.add_argument(
+        "--allow-partial",
+        "--allow_partial",
+        dest="allow_partial",
+        action="store_true",
+        help="blend only models with every fold, naming those left out",
+    )
+    p.add_argument(
+        "--prediction_file",
+        "--prediction-file",
+        dest="prediction_file",
+        type=Path,
+        default=None,
+        help="test mode: also write a copy of prediction.txt here",
+    )
+    p.add_argument("--device", default="auto", help="inference device for test predictions")
+    p.add_argument("--batch", type=int, default=256, help="inference batch size")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for inference")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foldkit.ensemble import Options, fit, predict_test
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    tta = None
+    if args.tta is not None:
+        tta = [t.strip() for t in args.tta.split(",") if t.strip()]
+        bad = [t for t in tta if t not in TTA_NAMES]
+        if bad:
+            raise FoldkitError(f"--tta {args.tta!r}: unknown {bad}; choose from {', '.join(TTA_NAMES)}")
+    exps = [e.strip() for e in args.exp.split(",") if e.strip()]
+    opts = Options(
+        args.data_dir,
+        args.work_dir,
+        exps,
+        args.blend,
+        tta,
+        args.allow_partial,
+        args.device,
+        args.batch,
+        args.workers,
+        args.prediction_file,
+    )
+    fitted = fit(opts)
+    if args.mode == "test":
+        predict_test(opts, fitted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

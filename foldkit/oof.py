@@ -1,0 +1,174 @@
+"""Find and check the out-of-fold predictions that ``main.py`` left, as one aligned matrix.
+
+A blend is only as honest as its inputs: every model must cover every merged train+validate image
+exactly once, and every file must come from the same folds (the folds hash), or the threshold and
+weights fitted here would not mean what they claim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from foldkit.folds import load_folds
+from foldkit.io import FoldkitError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOOF:
+    """One model (experiment + backbone) and its per-fold OOF files."""
+
+    exp: str
+    backbone: str
+    key: str  # name shown in reports: the backbone, or exp/backbone when several experiments
+    oof_dir: Path
+    files: dict[int, Path] = field(default_factory=dict)
+    metas: dict[int, dict] = field(default_factory=dict)
+
+    def checkpoint(self, work_dir: Path, fold: int) -> Path:
+        return work_dir / "models" / self.exp / self.oof_dir.name / f"fold{fold}" / "best.pt"
+
+
+@dataclass
+class OOFSet:
+    """Aligned OOF probabilities: row i of ``P`` is ``names[i]`` in folds.csv order."""
+
+    names: np.ndarray
+    y: np.ndarray
+    folds: np.ndarray
+    P: np.ndarray  # (n, m)
+    models: list[ModelOOF]
+    folds_hash: str
+    k: int
+    left_out: list[str]
+    folds_df: pd.DataFrame
+
+
+def discover(work_dir: Path, exps: list[str], several: bool) -> list[ModelOOF]:
+    """Every ``oof/<exp>/<backbone>/`` folder holding ``fold<k>.csv`` files."""
+    models = []
+    for exp in exps:
+        root = work_dir / "oof" / exp
+        if not root.is_dir():
+            raise FoldkitError(
+                f"no OOF predictions for experiment '{exp}': {root} does not exist "
+                f"(train first: python main.py --config configs/{exp}.yaml)"
+            )
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = {int(f.stem[4:]): f for f in sub.glob("fold*.csv") if f.stem[4:].isdigit()}
+            if not files:
+                continue
+            metas = {k: _read_meta(f.with_suffix(".json")) for k, f in files.items()}
+            backbone = next(iter(metas.values())).get("backbone", sub.name)
+            key = f"{exp}/{backbone}" if several else backbone
+            models.append(ModelOOF(exp, backbone, key, sub, dict(sorted(files.items())), metas))
+        if not any(m.exp == exp for m in models):
+            raise FoldkitError(f"experiment '{exp}': no fold<k>.csv files under {root}")
+    return models
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_file():
+        raise FoldkitError(f"{path}: missing (every OOF file has a sidecar recording its folds hash)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_hashes(models: list[ModelOOF], current: str) -> None:
+    """All OOF files must share one folds hash, and it must be the current folds.csv's."""
+    seen: dict[str, list[str]] = {}
+    for m in models:
+        for k, meta in m.metas.items():
+            seen.setdefault(meta.get("folds_hash", "?"), []).append(f"{m.key} fold {k}")
+    if len(seen) > 1:
+        parts = [f"{h[:12]}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}" for h, v in seen.items()]
+        raise FoldkitError(
+            "OOF files come from different folds (folds hash) and cannot be blended:\n  " + "\n  ".join(parts)
+        )
+    (only,) = seen or {current: []}
+    if only != current:
+        raise FoldkitError(
+            f"OOF files were made with folds {only[:12]}, but folds/folds.csv is now "
+            f"{current[:12]}; retrain with the current folds or restore the old folds.csv"
+        )
+
+
+def _model_column(m: ModelOOF, folds_df: pd.DataFrame) -> np.ndarray:
+    """This model's probabilities aligned to folds.csv; errors name file and problem."""
+    parts = []
+    for k, path in m.files.items():
+        df = pd.read_csv(path, dtype={"name": str})
+        missing = {"name", "label", "fold", "prob"} - set(df.columns)
+        if missing:
+            raise FoldkitError(f"{path}: missing columns {sorted(missing)}")
+        parts.append(df.assign(_file=str(path), _k=k))
+    df = pd.concat(parts, ignore_index=True)
+    dup = df[df.name.duplicated(keep=False)]
+    if len(dup):
+        raise FoldkitError(
+            f"{m.key}: {dup.name.nunique()} images predicted more than once, e.g. "
+            f"{dup.name.iloc[0]} in {sorted(set(dup._file))[:3]}"
+        )
+    expected = folds_df.set_index("name")
+    extra = df[~df.name.isin(expected.index)]
+    if len(extra):
+        raise FoldkitError(
+            f"{extra._file.iloc[0]}: {len(extra)} names not in folds.csv, e.g. {extra.name.iloc[0]}"
+        )
+    df = df.set_index("name").reindex(expected.index)
+    lost = df.prob.isna()
+    if lost.any():
+        raise FoldkitError(f"{m.key}: {int(lost.sum())} images have no OOF prediction, e.g. {lost.idxmax()}")
+    wrong = (df.fold.to_numpy() != expected.fold.to_numpy()) | (df._k.to_numpy() != expected.fold.to_numpy())
+    if wrong.any():
+        raise FoldkitError(
+            f"{m.key}: {int(wrong.sum())} images sit in a fold other than folds.csv's, "
+            f"e.g. {df.index[wrong][0]}"
+        )
+    p = df.prob.to_numpy(dtype=np.float64)
+    if not ((p >= 0) & (p <= 1)).all():
+        raise FoldkitError(f"{m.key}: probabilities outside [0, 1]")
+    return p
+
+
+def load_oof(work_dir: Path, exps: list[str], allow_partial: bool = False) -> OOFSet:
+    """Load, check and align every complete model of ``exps``; name what is missing (exit 2), or with
+    ``allow_partial`` leave incomplete models out and say which."""
+    folds_df, meta = load_folds(work_dir)
+    k, current = int(meta["k"]), meta["hash"]
+    models = discover(work_dir, exps, several=len(exps) > 1)
+    check_hashes(models, current)
+    gaps = {m.key: [f for f in range(k) if f not in m.files] for m in models}
+    missing = [f"{key} fold {f}" for key, fs in gaps.items() for f in fs]
+    complete = [m for m in models if not gaps[m.key]]
+    left_out = [m.key for m in models if gaps[m.key]]
+    if missing and not allow_partial:
+        raise FoldkitError(
+            "missing OOF predictions: "
+            + ", ".join(missing)
+            + "\n(train them with python main.py --fold K, or pass --allow-partial)"
+        )
+    if left_out:
+        log.warning(
+            "left out (incomplete): %s", ", ".join(f"{key} (missing folds {gaps[key]})" for key in left_out)
+        )
+    if not complete:
+        raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
+    P = np.column_stack([_model_column(m, folds_df) for m in complete])
+    return OOFSet(
+        folds_df.name.to_numpy(),
+        folds_df.label.to_numpy().astype(int),
+        folds_df.fold.to_numpy(),
+        P,
+        complete,
+        current,
+        k,
+        left_out,
+        folds_df,
+    )
