@@ -1,0 +1,543 @@
+"""OOF evaluation report: per-model and blend metrics as JSON, Markdown and PNG plots.
+
+Why: one folder that shows whether the blend beats its parts, how stable each model is across folds,
+and how much the tuned threshold flatters the in-sample F1 (compare it with the nested-CV F1).
+Every file goes through ``foldkit.io`` atomic writes, so an interrupted run never leaves a
+half-written report that looks complete; ``report.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_curve,
+    roc_auc_score,
+)
+
+from foldkit.blend import best_threshold, f1_at, f1_curve
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text
+
+matplotlib.use("Agg")  # headless: reports are written on servers and in CI
+import matplotlib.pyplot as plt
+
+PLOTS = (
+    "f1_threshold.png",
+    "pr_curve.png",
+    "per_fold_scores.png",
+    "prob_hist.png",
+    "confusion.png",
+    "correlation.png",
+)
+#: Keys whose floats are applied to new predictions, so they are written unrounded.
+EXACT_KEYS = frozenset({"threshold", "thresholds", "best_threshold", "weights"})
+DIGITS = 6
+_BLEND_KEYS = frozenset({"method", "weights", "nested", "honest", "in_sample_f1", "left_out"})
+MAX_CURVE_POINTS = 2000
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics(y: Any, p: Any, threshold: float | None = None) -> dict[str, Any]:
+    """Threshold-free and threshold-dependent scores of one probability vector.
+
+    AUC is None when only one class is present (it is undefined, and NaN is not valid JSON).
+    """
+    y = np.asarray(y).astype(np.int64)
+    p = np.asarray(p, dtype=np.float64)
+    thr, best = best_threshold(y, p)
+    both = 0 < int(y.sum()) < y.shape[0]
+    pred05 = (p >= 0.5).astype(np.int64)
+    out: dict[str, Any] = {
+        "n": int(y.shape[0]),
+        "f1_05": f1_at(y, p, 0.5),
+        "best_f1": best,
+        "best_threshold": thr,
+        "auc": float(roc_auc_score(y, p)) if both else None,
+        "logloss": float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1])),
+        "accuracy": float(accuracy_score(y, pred05)),
+    }
+    if threshold is not None:
+        out["threshold"] = float(threshold)
+        out["f1_at_threshold"] = f1_at(y, p, threshold)
+        out["accuracy_at_threshold"] = float(accuracy_score(y, (p >= threshold).astype(np.int64)))
+    return out
+
+
+def model_table(y: Any, folds: Any, model_probs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per model: {"overall": metrics, "per_fold": {fold id: metrics on that fold}}."""
+    y = np.asarray(y)
+    folds = np.asarray(folds)
+    table: dict[str, dict[str, Any]] = {}
+    for name, p in model_probs.items():
+        p = np.asarray(p, dtype=np.float64)
+        per_fold = {int(f): metrics(y[folds == f], p[folds == f]) for f in np.unique(folds)}
+        table[name] = {"overall": metrics(y, p), "per_fold": per_fold}
+    return table
+
+
+def _correlations(model_probs: Mapping[str, np.ndarray]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Pearson (on probabilities) and Spearman correlation of model OOF predictions, as nested dicts."""
+    if not model_probs:
+        return {"pearson": {}, "spearman": {}}
+    df = pd.DataFrame(dict(model_probs))
+    return {
+        kind: {a: {b: float(v) for b, v in row.items()} for a, row in df.corr(method=kind).iterrows()}
+        for kind in ("pearson", "spearman")
+    }
+
+
+# --------------------------------------------------------------------------- JSON helpers
+
+
+def _plain(obj: Any, exact: bool = False) -> Any:
+    """Convert to JSON-safe python: str keys, lists, python scalars, rounded finite floats, None for NaN.
+
+    Floats under EXACT_KEYS stay unrounded; anything else unknown becomes its ``str``.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, exact or str(k) in EXACT_KEYS) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v, exact) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return None
+        return obj if exact else round(obj, DIGITS)
+    return str(obj)  # paths, enums, ...: a readable string beats a crash at the end of a long run
+
+
+def _check_inputs(
+    y: Any, folds: Any, model_probs: Mapping[str, Any], blended: Any
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Arrays of one length, 0/1 labels, probabilities in [0, 1]; raise FoldkitError otherwise."""
+    y = np.asarray(y)
+    n = y.shape[0]
+    if y.ndim != 1 or n == 0 or not ((y == 0) | (y == 1)).all():
+        raise FoldkitError("report needs a non-empty 1-D vector of 0/1 labels")
+    folds = np.asarray(folds).astype(np.int64)
+    probs = {str(k): np.asarray(v, dtype=np.float64) for k, v in model_probs.items()}
+    blended = np.asarray(blended, dtype=np.float64)
+    for name, arr in [("folds", folds), ("blended", blended), *probs.items()]:
+        if arr.shape != (n,):
+            raise FoldkitError(f"{name} has shape {arr.shape}, expected ({n},) like the labels")
+        if name != "folds" and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+            raise FoldkitError(f"{name} must hold finite probabilities in [0, 1]")
+    return y.astype(np.int64), folds, probs, blended
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _blend_section(
+    y: np.ndarray, folds: np.ndarray, blended: np.ndarray, blend_info: Mapping[str, Any], threshold: float
+) -> dict[str, Any]:
+    """Blend metrics at the chosen threshold, plus what ``choose_blend`` found (nested and honest F1)."""
+    method = str(blend_info.get("method", "mean"))
+    nested = dict(blend_info.get("nested") or {})
+    honest = blend_info.get("honest")
+    in_sample = blend_info.get("in_sample_f1")
+    return {
+        "method": method,
+        "weights": dict(blend_info.get("weights") or {}),
+        "threshold": float(threshold),
+        "in_sample_f1": float(in_sample) if in_sample is not None else f1_at(y, blended, threshold),
+        "nested_cv_f1": nested[method]["mean"] if method in nested else None,
+        "honest_threshold_f1": honest["mean"] if honest else None,
+        "f1_05": f1_at(y, blended, 0.5),
+        "overall": metrics(y, blended, threshold),
+        "per_fold": {
+            int(f): metrics(y[folds == f], blended[folds == f], threshold) for f in np.unique(folds)
+        },
+        "nested": nested,
+        "honest": honest,
+        "left_out": [str(s) for s in blend_info.get("left_out") or []],
+        # Anything else the caller recorded (TTA, folds hash, ...) is kept for provenance.
+        **{k: v for k, v in blend_info.items() if k not in _BLEND_KEYS},
+    }
+
+
+def write_report(
+    out_dir: Path,
+    y: Any,
+    folds: Any,
+    model_probs: Mapping[str, Any],
+    blended: Any,
+    blend_info: Mapping[str, Any],
+    threshold: float,
+    exp: str,
+) -> dict[str, Any]:
+    """Write report.json, report.md and the PNG plots to ``out_dir``; return the dict in report.json."""
+    out_dir = Path(out_dir)
+    y, folds, probs, blended = _check_inputs(y, folds, model_probs, blended)
+    blend = _blend_section(y, folds, blended, blend_info, threshold)
+    report: dict[str, Any] = {
+        "exp": str(exp),
+        "n": int(y.shape[0]),
+        "n_fake": int(y.sum()),
+        "fake_ratio": float(y.mean()),
+        "folds": [int(f) for f in np.unique(folds)],
+        "summary": {
+            k: blend[k]
+            for k in ("method", "threshold", "in_sample_f1", "nested_cv_f1", "honest_threshold_f1", "f1_05")
+        },
+        "models": model_table(y, folds, probs),
+        "blend": blend,
+        "correlation": _correlations(probs),
+    }
+    report = _plain(report)
+    report["plots"] = _write_plots(out_dir, y, probs, blended, report)
+    atomic_write_text(out_dir / "report.md", _render_markdown(report, out_dir))
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    """A number for a table cell; an em dash for a missing one."""
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*lines, ""]
+
+
+def _md_summary(report: dict[str, Any]) -> list[str]:
+    """Headline numbers first: what was chosen and how much to trust it."""
+    s, b = report["summary"], report["blend"]
+    lines = [
+        f"# OOF report: {report['exp']}",
+        "",
+        f"- **Blend method:** `{s['method']}`",
+        f"- **Threshold:** {_fmt(s['threshold'])} (predict fake if p >= threshold)",
+        f"- **In-sample F1** (blend and threshold fitted and scored on all OOF): {_fmt(s['in_sample_f1'])}",
+        f"- **Nested-CV F1** (blend and threshold refitted without each fold): {_fmt(s['nested_cv_f1'])}",
+        f"- Threshold-only nested F1 of this blend: {_fmt(s['honest_threshold_f1'])}",
+        f"- Blend F1 at 0.5: {_fmt(s['f1_05'])}; AUC {_fmt(b['overall']['auc'])}",
+        f"- Rows: {report['n']}, fake ratio {_fmt(report['fake_ratio'])}, folds {len(report['folds'])}",
+    ]
+    if b["left_out"]:
+        lines.append(f"- Left out (incomplete OOF): {', '.join(b['left_out'])}")
+    return [*lines, ""]
+
+
+def _md_models(report: dict[str, Any]) -> list[str]:
+    """One row per model plus the blend: F1@0.5, best F1 @ threshold, AUC, log-loss, accuracy."""
+    rows = []
+    entries = [(name, t["overall"]) for name, t in report["models"].items()]
+    entries.append((f"**blend ({report['blend']['method']})**", report["blend"]["overall"]))
+    for name, m in entries:
+        rows.append(
+            [
+                name,
+                _fmt(m["f1_05"]),
+                f"{_fmt(m['best_f1'])} @ {_fmt(m['best_threshold'])}",
+                _fmt(m["auc"]),
+                _fmt(m["logloss"]),
+                _fmt(m["accuracy"]),
+            ]
+        )
+    header = ["model", "F1@0.5", "best F1 @ thr", "AUC", "log-loss", "accuracy@0.5"]
+    return ["## Models (all OOF rows)", "", *_md_table(header, rows)]
+
+
+def _md_folds(report: dict[str, Any]) -> list[str]:
+    """Best F1 on each fold by model, and the blend at the chosen threshold."""
+    folds = [str(f) for f in report["folds"]]
+    rows = [
+        [name, *(_fmt(t["per_fold"][f]["best_f1"]) for f in folds)] for name, t in report["models"].items()
+    ]
+    b = report["blend"]
+    rows.append(["blend (best F1)", *(_fmt(b["per_fold"][f]["best_f1"]) for f in folds)])
+    rows.append(["blend @ threshold", *(_fmt(b["per_fold"][f]["f1_at_threshold"]) for f in folds)])
+    nested = b["nested"].get(b["method"])
+    if nested:
+        rows.append(["blend nested-CV", *(_fmt(v) for v in nested["per_fold"])])
+    return ["## Per-fold F1", "", *_md_table(["model", *(f"fold {f}" for f in folds)], rows)]
+
+
+def _md_methods_weights(report: dict[str, Any]) -> list[str]:
+    """Blend methods compared by nested-CV F1, then the chosen blend's weights."""
+    b = report["blend"]
+    lines = ["## Blend methods (nested CV)", ""]
+    if b["nested"]:
+        rows = [
+            [f"**{m}**" if m == b["method"] else m, _fmt(r["mean"]), " / ".join(map(_fmt, r["per_fold"]))]
+            for m, r in b["nested"].items()
+        ]
+        lines += _md_table(["method", "nested-CV F1", "per fold"], rows)
+    else:
+        lines += ["No nested comparison was run.", ""]
+    lines += ["## Weights", ""]
+    if b["weights"]:
+        lines += _md_table(["model", "weight"], [[k, _fmt(v)] for k, v in b["weights"].items()])
+    else:
+        lines += ["No weights recorded.", ""]
+    return lines
+
+
+def _md_correlation(report: dict[str, Any]) -> list[str]:
+    """Pearson and Spearman correlation of model OOF predictions."""
+    lines = ["## Correlation of OOF predictions", ""]
+    for kind in ("pearson", "spearman"):
+        mat = report["correlation"][kind]
+        if not mat:
+            continue
+        names = list(mat)
+        rows = [[a, *(_fmt(mat[a][b], 3) for b in names)] for a in names]
+        lines += [f"{kind.capitalize()}:", "", *_md_table(["", *names], rows)]
+    return lines
+
+
+def _render_markdown(report: dict[str, Any], out_dir: Path | None = None) -> str:
+    """The readable report; plots are linked only if they exist in ``out_dir`` (when given)."""
+    lines = [
+        *_md_summary(report),
+        *_md_models(report),
+        *_md_folds(report),
+        *_md_methods_weights(report),
+        *_md_correlation(report),
+        "## Plots",
+        "",
+    ]
+    for name in report.get("plots", []):
+        if out_dir is None or (Path(out_dir) / name).is_file():
+            lines += [f"![{name.removesuffix('.png').replace('_', ' ')}]({name})", ""]
+    return "\n".join(lines)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A short fixed-width table for the terminal: models, then the blend with its threshold and F1s."""
+    b = report["blend"]
+    names = list(report["models"])
+    blend_name = f"blend [{b['method']}]"
+    width = max(len(s) for s in [*names, blend_name, "model"])
+    lines = [f"{'model':<{width}}  {'F1@0.5':>7}  {'best F1':>7}  {'AUC':>7}  {'thr':>7}  {'nested':>7}"]
+    for name in names:
+        m = report["models"][name]["overall"]
+        cells = (m["f1_05"], m["best_f1"], m["auc"], m["best_threshold"], None)
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(c):>7}" for c in cells))
+    cells = (b["f1_05"], b["in_sample_f1"], b["overall"]["auc"], b["threshold"], b["nested_cv_f1"])
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{blend_name:<{width}}  " + "  ".join(f"{_fmt(c):>7}" for c in cells))
+    lines.append("(blend: best F1 = in-sample F1 at the chosen threshold; nested = nested-CV F1)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a figure atomically as PNG and free it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def _thin(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Keep at most MAX_CURVE_POINTS evenly spaced points (plus the ends) so plots stay fast and small."""
+    n = len(arrays[0])
+    if n <= MAX_CURVE_POINTS:
+        return list(arrays)
+    idx = np.unique(np.linspace(0, n - 1, MAX_CURVE_POINTS).astype(np.int64))
+    return [a[idx] for a in arrays]
+
+
+def _colors(k: int) -> list[Any]:
+    """Distinct colours for k models."""
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(k)]
+
+
+def _plot_f1_threshold(
+    path: Path, y: np.ndarray, probs: dict[str, np.ndarray], blended: np.ndarray, report: dict[str, Any]
+) -> None:
+    """F1 against threshold: the blend in bold with the chosen threshold marked, each model faintly."""
+    b = report["blend"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for color, (name, p) in zip(_colors(len(probs)), probs.items(), strict=True):
+        t, f = _thin(*f1_curve(y, p))
+        ax.plot(t, f, color=color, lw=0.9, alpha=0.35, label=name)
+    t, f = _thin(*f1_curve(y, blended))
+    ax.plot(t, f, color="black", lw=2, label=f"blend ({b['method']})")
+    thr = b["threshold"]
+    ax.axvline(thr, color="red", ls="--", lw=1)
+    ax.plot(
+        [thr],
+        [b["overall"]["f1_at_threshold"]],
+        "o",
+        color="red",
+        label=f"threshold {thr:.4f}: F1 {b['overall']['f1_at_threshold']:.4f}",
+    )
+    ax.set(
+        xlabel="threshold (fake if p >= threshold)",
+        ylabel="F1",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"{report['exp']}: F1 vs threshold",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+
+
+def _plot_pr(
+    path: Path, y: np.ndarray, probs: dict[str, np.ndarray], blended: np.ndarray, report: dict[str, Any]
+) -> None:
+    """Precision-recall curves of the blend and each model, with average precision in the legend."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    if y.sum() > 0:
+        curves = [*zip(probs.items(), _colors(len(probs)), strict=True), (("blend", blended), "black")]
+        for (name, p), color in curves:
+            prec, rec, _ = precision_recall_curve(y, p)
+            prec, rec = _thin(prec, rec)
+            lw, alpha = (2.0, 1.0) if name == "blend" else (0.9, 0.5)
+            ax.plot(
+                rec,
+                prec,
+                color=color,
+                lw=lw,
+                alpha=alpha,
+                label=f"{name} (AP {average_precision_score(y, p):.4f})",
+            )
+        ax.legend(fontsize=7, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "no positives: precision-recall undefined", ha="center")
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"{report['exp']}: precision-recall",
+    )
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_per_fold(path: Path, report: dict[str, Any]) -> None:
+    """Best F1 per fold, grouped by fold, one bar per model and the blend; nested-CV F1 as crosses."""
+    folds = [str(f) for f in report["folds"]]
+    series = {name: [t["per_fold"][f]["best_f1"] for f in folds] for name, t in report["models"].items()}
+    series["blend"] = [report["blend"]["per_fold"][f]["best_f1"] for f in folds]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(folds) + 0.25 * len(series)), 4.5))
+    x = np.arange(len(folds))
+    width = 0.8 / len(series)
+    colors = [*_colors(len(series) - 1), "black"]
+    for i, ((name, vals), color) in enumerate(zip(series.items(), colors, strict=True)):
+        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=name, color=color, alpha=0.85)
+    nested = report["blend"]["nested"].get(report["blend"]["method"])
+    if nested:
+        ax.plot(x, nested["per_fold"], "rx", ms=9, mew=2, label="blend nested-CV")
+    values = [v for vals in series.values() for v in vals]
+    ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03) + 1e-9)
+    ax.set_xticks(x, [f"fold {f}" for f in folds])
+    ax.set(ylabel="best F1", title=f"{report['exp']}: best F1 per fold")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+
+
+def _plot_hist(path: Path, y: np.ndarray, blended: np.ndarray, report: dict[str, Any]) -> None:
+    """Blended probabilities by true class, with the threshold line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = np.linspace(0, 1, 51)
+    n_real = int((y == 0).sum())
+    ax.hist(blended[y == 0], bins=bins, alpha=0.55, color="tab:blue", label=f"real (0), n={n_real}")
+    ax.hist(blended[y == 1], bins=bins, alpha=0.55, color="tab:red", label=f"fake (1), n={int(y.sum())}")
+    ax.axvline(report["blend"]["threshold"], color="black", ls="--", label="threshold")
+    ax.set(xlabel="blended probability", ylabel="rows", title=f"{report['exp']}: blended probabilities")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_confusion(path: Path, y: np.ndarray, blended: np.ndarray, report: dict[str, Any]) -> None:
+    """Confusion matrix of the blend at the chosen threshold, counts annotated."""
+    thr = report["blend"]["threshold"]
+    cm = confusion_matrix(y, (blended >= thr).astype(np.int64), labels=[0, 1])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j,
+            i,
+            f"{v}",
+            ha="center",
+            va="center",
+            fontsize=12,
+            color="white" if v > cm.max() / 2 else "black",
+        )
+    ax.set_xticks([0, 1], ["real (0)", "fake (1)"])
+    ax.set_yticks([0, 1], ["real (0)", "fake (1)"])
+    f1 = report["blend"]["overall"]["f1_at_threshold"]
+    ax.set(xlabel="predicted", ylabel="true", title=f"{report['exp']}: threshold {thr:.4f}, F1 {f1:.4f}")
+    _save(fig, path)
+
+
+def _plot_correlation(path: Path, report: dict[str, Any]) -> None:
+    """Heatmap of the Pearson correlation of model OOF predictions."""
+    mat = report["correlation"]["pearson"]
+    names = list(mat)
+    values = np.array([[np.nan if mat[a][b] is None else mat[a][b] for b in names] for a in names])
+    values = values.astype(np.float64).reshape(len(names), len(names))
+    size = max(4.0, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    if names:
+        lowest = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+        im = ax.imshow(values, cmap="viridis", vmin=min(0.0, lowest), vmax=1.0)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        if len(names) <= 15:
+            for (i, j), v in np.ndenumerate(values):
+                ax.text(
+                    j,
+                    i,
+                    "" if np.isnan(v) else f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v < 0.7 else "black",
+                )
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no models", ha="center")
+    ax.set_title(f"{report['exp']}: Pearson correlation of OOF predictions")
+    _save(fig, path)
+
+
+def _write_plots(
+    out_dir: Path, y: np.ndarray, probs: dict[str, np.ndarray], blended: np.ndarray, report: dict[str, Any]
+) -> list[str]:
+    """Draw every plot in PLOTS into ``out_dir``; return the file names written."""
+    _plot_f1_threshold(out_dir / "f1_threshold.png", y, probs, blended, report)
+    _plot_pr(out_dir / "pr_curve.png", y, probs, blended, report)
+    _plot_per_fold(out_dir / "per_fold_scores.png", report)
+    _plot_hist(out_dir / "prob_hist.png", y, blended, report)
+    _plot_confusion(out_dir / "confusion.png", y, blended, report)
+    _plot_correlation(out_dir / "correlation.png", report)
+    return [name for name in PLOTS if (out_dir / name).is_file()]
