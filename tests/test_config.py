@@ -1,0 +1,137 @@
+"""Config: precedence, type checks, unknown keys, round trip, and every shipped config loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+import main
+from foldkit import PROJECT_ROOT
+from foldkit.config import (
+    ConfigError,
+    RunConfig,
+    from_dict,
+    load_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
+
+CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+
+
+def test_precedence_defaults_then_yaml_then_cli(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\n  lr: 0.01\nseed: 7\n")
+    cfg = load_config(path, [parse_override("train.epochs=2")])
+    assert cfg.train.epochs == 2  # CLI beats YAML
+    assert cfg.train.lr == 0.01 and cfg.seed == 7  # YAML beats defaults
+    assert cfg.train.batch_size == RunConfig().train.batch_size  # defaults fill the rest
+
+
+def test_cli_shortcuts_and_backbones_override_yaml() -> None:
+    args = main.build_parser().parse_args(
+        [
+            "--config",
+            "configs/demo.yaml",
+            "--epochs",
+            "3",
+            "--batch=4",
+            "--lr",
+            "0.5",
+            "--img-size",
+            "48",
+            "--seed",
+            "9",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+            "--backbones",
+            "a,b",
+            "--set",
+            "train.ema=true",
+        ]
+    )
+    cfg = main.config_from_args(args)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.data.img_size) == (3, 4, 0.5, 48)
+    assert (cfg.seed, cfg.data.workers, cfg.device, cfg.backbones, cfg.train.ema) == (
+        9,
+        1,
+        "cpu",
+        ["a", "b"],
+        True,
+    )
+
+
+def test_unknown_yaml_key_names_file_and_closest_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.learning_rate'"):
+        load_config(path)
+    path.write_text("backbone: [a]\n")
+    with pytest.raises(ConfigError, match="did you mean 'backbones'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.ema=1", "train.ema"),
+        ("train.amp=fp8", "train.amp"),
+        ("tta=[hflip, spin]", "tta"),
+        ("data.k=1", "data.k"),
+        ("train.pos_weight=heavy", "pos_weight"),
+        ("nonsense", "key=value"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [parse_override(override)])
+
+
+def test_typed_values_parse_as_yaml() -> None:
+    cfg = load_config(
+        None,
+        [
+            parse_override(t)
+            for t in (
+                "train.lr=1e-3",
+                "train.grad_clip=null",
+                "tta=[hflip, vflip]",
+                "pretrained_file={a: x.pt}",
+                "train.pos_weight=2",
+            )
+        ],
+    )
+    assert cfg.train.lr == 1e-3 and cfg.train.grad_clip is None and cfg.tta == ["hflip", "vflip"]
+    assert cfg.pretrained_file == {"a": "x.pt"} and cfg.train.pos_weight == 2.0
+
+
+def test_round_trip_through_yaml_and_plain_data(tmp_path: Path) -> None:
+    cfg = load_config(PROJECT_ROOT / "configs/default.yaml", [parse_override("train.epochs=3")])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+    plain = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+    assert plain == to_dict(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_real_timm_models(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.backbones
+    for backbone in cfg.backbones:
+        assert timm.is_model(backbone), backbone
+    if path.stem == "demo":
+        assert cfg.pretrained is False and cfg.device == "cpu"
+    else:
+        assert cfg.pretrained is True
+
+
+def test_shipped_configs_are_the_expected_ones() -> None:
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "demo.yaml"}

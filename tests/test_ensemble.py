@@ -1,0 +1,226 @@
+"""ensemble.py on tiny training artifacts: report, submission, cache reuse, and refusals by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ensemble
+from foldkit import PROJECT_ROOT
+from foldkit.cli import run
+from foldkit.data import read_test
+from foldkit.submission import read_submission
+
+PNGS = ["f1_threshold.png", "pr_curve.png", "per_fold_scores.png", "prob_hist.png", "confusion.png"]
+
+
+def _ensemble(work: Path, data: Path, *extra: str) -> int:
+    return run(ensemble.main, ["--exp", "demo", "--work-dir", str(work), "--data-dir", str(data), *extra])
+
+
+def test_val_mode_writes_report_and_no_submission(trained_copy: Path, tiny_data: Path, capsys) -> None:
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 0
+    out_dir = trained_copy / "oof/demo"
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report["models"]) == {"test_efficientnet", "test_convnext"}
+    assert report["blend"]["method"] in ("mean", "rank", "logit", "weighted")
+    md = (out_dir / "report.md").read_text()
+    for png in PNGS:
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in md
+    assert not (trained_copy / "submissions/demo").exists()
+    out = capsys.readouterr().out
+    assert "test_convnext" in out and "blend" in out
+
+
+def test_test_mode_writes_a_valid_submission_from_the_oof_fitted_blend(
+    trained_copy: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "prediction.txt"
+    argv = ["--mode", "test", "--blend", "mean", "--prediction_file", str(copy)]
+    assert _ensemble(trained_copy, tiny_data, *argv) == 0
+    sub = read_submission(trained_copy / "submissions/demo/prediction.txt")
+    assert sub.name.tolist() == read_test(tiny_data).name.tolist()
+    assert set(sub.label) <= {0, 1}
+    assert copy.read_bytes() == (trained_copy / "submissions/demo/prediction.txt").read_bytes()
+    probs = pd.read_csv(trained_copy / "submissions/demo/probs.csv", dtype={"name": str})
+    per_model = probs[["prob_test_efficientnet", "prob_test_convnext"]].to_numpy()
+    np.testing.assert_allclose(probs.prob, per_model.mean(axis=1), atol=1e-7)  # the mean blend, as fitted
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    threshold = report["blend"]["threshold"]
+    assert (probs.label == (probs.prob >= threshold - 1e-9).astype(int)).all()
+    for bb in ("test_efficientnet", "test_convnext"):
+        for k in (0, 1):
+            cached = pd.read_csv(trained_copy / f"oof/demo/{bb}/test_fold{k}.csv", dtype={"name": str})
+            assert cached.name.tolist() == sub.name.tolist()
+
+
+def test_test_predictions_are_cached_and_reused(trained_copy: Path, tiny_data: Path, monkeypatch) -> None:
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test") == 0
+    first = (trained_copy / "submissions/demo/prediction.txt").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr("foldkit.ensemble.predict_checkpoint", refuse)
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test") == 0
+    assert (trained_copy / "submissions/demo/prediction.txt").read_bytes() == first
+    # a changed checkpoint invalidates its cache entry
+    best = trained_copy / "models/demo/test_convnext/fold0/best.pt"
+    best.write_bytes(best.read_bytes() + b"\0")
+    with pytest.raises(AssertionError, match="cache should have been used"):
+        _ensemble(trained_copy, tiny_data, "--mode", "test")
+
+
+def test_missing_fold_is_named_and_allow_partial_leaves_the_model_out(
+    trained_copy: Path, tiny_data: Path, capsys
+) -> None:
+    (trained_copy / "oof/demo/test_convnext/fold1.csv").unlink()
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 2
+    assert "test_convnext fold 1" in capsys.readouterr().err
+    assert not (trained_copy / "oof/demo/report.json").exists()
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test", "--allow-partial") == 0
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    assert set(report["models"]) == {"test_efficientnet"}
+    assert "test_convnext" in json.dumps(report["blend"])
+
+
+def test_mixed_folds_hashes_are_refused(trained_copy: Path, tiny_data: Path, capsys) -> None:
+    meta_path = trained_copy / "oof/demo/test_convnext/fold0.json"
+    meta = json.loads(meta_path.read_text())
+    meta["folds_hash"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test") == 2
+    err = capsys.readouterr().err
+    assert "different folds" in err and "test_convnext fold 0" in err
+    assert not (trained_copy / "submissions").exists()
+
+
+def test_duplicate_oof_row_is_refused(trained_copy: Path, tiny_data: Path, capsys) -> None:
+    path = trained_copy / "oof/demo/test_efficientnet/fold0.csv"
+    df = pd.read_csv(path, dtype={"name": str})
+    pd.concat([df, df.iloc[:1]]).to_csv(path, index=False)
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 2
+    assert "more than once" in capsys.readouterr().err
+
+
+def test_other_tta_repredicts_oof_too(trained_copy: Path, tiny_data: Path) -> None:
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test", "--tta", "none") == 0
+    for k in (0, 1):
+        assert (trained_copy / f"oof/demo/test_convnext/fold{k}.tta-none.csv").is_file()
+        assert (trained_copy / f"oof/demo/test_convnext/test_fold{k}.tta-none.csv").is_file()
+    assert json.loads((trained_copy / "oof/demo/report.json").read_text())["blend"]["tta"] == ["none"]
+
+
+def test_unknown_experiment_and_tta_exit_2(trained: Path, tiny_data: Path, capsys) -> None:
+    assert (
+        run(ensemble.main, ["--exp", "nope", "--work-dir", str(trained), "--data-dir", str(tiny_data)]) == 2
+    )
+    assert "nope" in capsys.readouterr().err
+    assert _ensemble(trained, tiny_data, "--tta", "spin") == 2
+
+
+def test_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "ensemble.py", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for option in (
+        "--mode",
+        "--data-dir",
+        "--work-dir",
+        "--exp",
+        "--blend",
+        "--tta",
+        "--prediction_file",
+        "--allow-partial",
+    ):
+        assert option in out.stdout
+
+
+@pytest.mark.slow
+def test_whole_toolkit_from_the_command_line(tmp_path: Path) -> None:
+    """As a user runs it: synthetic data -> folds -> main.py -> ensemble.py -> the seed's test mode."""
+    data, work = tmp_path / "data", tmp_path / "work"
+
+    def sh(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    sh(
+        "-m",
+        "foldkit.synthetic",
+        "--out",
+        str(data),
+        "--n-train",
+        "60",
+        "--n-validate",
+        "20",
+        "--n-test",
+        "16",
+        "--seed",
+        "5",
+        "--size",
+        "48",
+    )
+    sh(
+        "-m",
+        "foldkit.folds",
+        "--data-dir",
+        str(data),
+        "--work-dir",
+        str(work),
+        "--k",
+        "3",
+        "--group-regex",
+        r"S\d+",
+    )
+    sh(
+        "main.py",
+        "--config",
+        "configs/demo.yaml",
+        "--data-dir",
+        str(data),
+        "--work-dir",
+        str(work),
+        "--set",
+        "data.k=3",
+        "--epochs",
+        "2",
+        "--img-size",
+        "32",
+        "--batch",
+        "16",
+    )
+    out = sh(
+        "ensemble.py", "--mode", "test", "--exp", "demo", "--data-dir", str(data), "--work-dir", str(work)
+    )
+    assert "submission:" in out.stdout
+    sub = read_submission(work / "submissions/demo/prediction.txt")
+    assert sub.name.tolist() == read_test(data).name.tolist()
+    shutil.copy(work / "models/demo/test_convnext/fold2/best.pt", tmp_path / "1.pth")
+    seed = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "main.py"),
+            "--batch=4",
+            "--mode=test",
+            "--model_name",
+            "1.pth",
+            "--data-dir",
+            str(data),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert seed.returncode == 0, seed.stderr[-3000:]
+    assert len((tmp_path / "prediction.txt").read_text().splitlines()) == 16

@@ -1,0 +1,194 @@
+"""main.py end to end on tiny data: the exact files it leaves, OOF integrity, determinism, seed mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import train_tiny
+
+import main
+from foldkit import PROJECT_ROOT
+from foldkit.cli import run
+from foldkit.config import from_dict
+from foldkit.data import read_test
+from foldkit.folds import load_folds
+
+BACKBONES = ["test_efficientnet", "test_convnext"]
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_leaves_exactly_the_contracted_files(trained: Path) -> None:
+    expected = {"folds/folds.csv", "folds/folds.json"}
+    for bb in BACKBONES:
+        for k in (0, 1):
+            run_dir = f"models/demo/{bb}/fold{k}"
+            expected |= {
+                f"{run_dir}/{f}" for f in ("best.pt", "last.pt", "config.yaml", "history.csv", "train.log")
+            }
+            expected |= {f"oof/demo/{bb}/fold{k}.csv", f"oof/demo/{bb}/fold{k}.json"}
+    assert _files(trained) == expected
+
+
+def test_oof_covers_each_holdout_name_exactly_once(trained: Path) -> None:
+    folds_df, _ = load_folds(trained)
+    for bb in BACKBONES:
+        for k in (0, 1):
+            oof = pd.read_csv(trained / f"oof/demo/{bb}/fold{k}.csv", dtype={"name": str})
+            assert list(oof.columns) == ["name", "label", "fold", "prob"]
+            holdout = folds_df[folds_df.fold == k]
+            assert sorted(oof.name) == sorted(holdout.name)
+            assert oof.name.is_unique
+            assert (oof.fold == k).all()
+            assert oof.prob.between(0, 1).all() and oof.prob.notna().all()
+            labels = dict(zip(holdout.name, holdout.label, strict=True))
+            assert [labels[n] for n in oof.name] == oof.label.tolist()
+
+
+def test_checkpoint_loads_weights_only_with_config_and_folds_hash(trained: Path) -> None:
+    _, meta = load_folds(trained)
+    ckpt = torch.load(
+        trained / "models/demo/test_convnext/fold1/best.pt", map_location="cpu", weights_only=True
+    )
+    assert ckpt["folds_hash"] == meta["hash"]
+    assert ckpt["backbone"] == "test_convnext" and ckpt["fold"] == 1 and ckpt["epoch"] == 1
+    assert ckpt["metric"] == "f1" and 0 <= ckpt["threshold"] <= 1
+    cfg = from_dict(ckpt["config"])
+    assert cfg.data.k == 2 and cfg.data.img_size == 32 and cfg.train.epochs == 1
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
+    last = torch.load(
+        trained / "models/demo/test_convnext/fold1/last.pt", map_location="cpu", weights_only=True
+    )
+    assert {"optimizer", "scheduler", "raw_model", "step"} <= set(last)
+    history = pd.read_csv(trained / "models/demo/test_convnext/fold1/history.csv")
+    assert list(history.epoch) == [1]
+    assert {"train_loss", "val_loss", "auc", "f1_05", "best_f1", "threshold", "img_s"} <= set(history.columns)
+    assert "epoch 1/1" in (trained / "models/demo/test_convnext/fold1/train.log").read_text()
+
+
+def test_same_seed_gives_identical_oof(tiny_data: Path, trained: Path, tmp_path: Path) -> None:
+    assert train_tiny(tiny_data, tmp_path, "--model", "test_efficientnet", "--fold", "0") == 0
+    a = (trained / "oof/demo/test_efficientnet/fold0.csv").read_bytes()
+    b = (tmp_path / "oof/demo/test_efficientnet/fold0.csv").read_bytes()
+    assert a == b
+
+
+def test_seed_style_test_mode_writes_prediction_txt(
+    tiny_data: Path, trained: Path, tmp_path: Path, monkeypatch
+) -> None:
+    shutil.copy(trained / "models/demo/test_efficientnet/fold0/best.pt", tmp_path / "1.pth")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--batch=4", "--mode=test", "--model_name", "1.pth", "--data-dir", str(tiny_data)]
+    assert run(main.main, argv) == 0
+    lines = (tmp_path / "prediction.txt").read_text().splitlines()
+    expected = read_test(tiny_data).name.tolist()
+    assert [line.split(" ")[0] for line in lines] == expected
+    assert {line.split(" ")[1] for line in lines} <= {"0", "1"}
+    assert run(main.main, [*argv, "--prediction_file", "other.txt", "--threshold", "0"]) == 0
+    assert {line.split(" ")[1] for line in (tmp_path / "other.txt").read_text().splitlines()} == {"1"}
+
+
+def test_test_mode_missing_checkpoint_lists_the_ones_written(trained: Path, tiny_data: Path, capsys) -> None:
+    argv = [
+        "--mode",
+        "test",
+        "--model_name",
+        "nope.pth",
+        "--work-dir",
+        str(trained),
+        "--data-dir",
+        str(tiny_data),
+    ]
+    assert run(main.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "nope.pth" in err and "best.pt" in err
+
+
+def test_help_lists_every_option_with_defaults() -> None:
+    out = subprocess.run(
+        [sys.executable, "main.py", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for option in (
+        "--config",
+        "--data-dir",
+        "--work-dir",
+        "--exp",
+        "--fold",
+        "--backbones",
+        "--model",
+        "--set",
+        "--epochs",
+        "--batch",
+        "--lr",
+        "--img-size",
+        "--device",
+        "--workers",
+        "--seed",
+        "--mode",
+        "--model_name",
+        "--prediction_file",
+    ):
+        assert option in out.stdout
+    assert "configs/default.yaml" in out.stdout and "prediction.txt" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "train.epoch=3"], "did you mean 'train.epochs'"),
+        (["--set", "train.epochs=many"], "train.epochs"),
+        (["--model", "resnet50"], "not in the config's backbones"),
+        (["--fold", "7"], "folds must be in 0..1"),
+    ],
+)
+def test_bad_options_exit_2_and_write_nothing(tiny_data: Path, tmp_path: Path, capsys, argv, message) -> None:
+    assert train_tiny(tiny_data, tmp_path, *argv) == 2
+    assert message in capsys.readouterr().err
+    assert _files(tmp_path) == set()
+
+
+def test_pretrained_unavailable_stops_with_offline_options(tiny_data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--config",
+        "configs/demo.yaml",
+        "--set",
+        "pretrained=true",
+        "--data-dir",
+        str(tiny_data),
+        "--work-dir",
+        str(tmp_path),
+    ]
+    out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert "will not silently train from scratch" in out.stderr
+    assert (
+        "pretrained_file" in out.stderr
+        and "HF_HUB_OFFLINE" in out.stderr
+        and "pretrained=false" in out.stderr
+    )
+    assert _files(tmp_path) == set()
+
+
+def test_pretrained_file_missing_is_named(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--set", "pretrained=true", "--set", "pretrained_file=/nowhere/{backbone}.safetensors"]
+    assert train_tiny(tiny_data, tmp_path, *argv) == 2
+    assert "/nowhere/test_efficientnet.safetensors" in capsys.readouterr().err
+
+
+def test_oof_probabilities_are_not_constant(trained: Path) -> None:
+    probs = pd.read_csv(trained / "oof/demo/test_convnext/fold0.csv").prob.to_numpy()
+    assert np.ptp(probs) > 0
