@@ -9,6 +9,7 @@ The shape follows litgpt's grouped dataclasses: each field has a comment saying 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -189,6 +190,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         k_tp, v_tp = typing.get_args(tp)
         if isinstance(value, dict):
             return {_coerce(k, k_tp, key): _coerce(v, v_tp, key) for k, v in value.items()}
+    elif tp in (int, float) and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-3` is a string; a numeric field still means the number.
+        with contextlib.suppress(ValueError):
+            return tp(value)
     elif tp in _SCALARS and isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool)):
         return float(value) if tp is float else value  # (a YAML true is a bool, never a number)
     raise ConfigError(f"{key}: {value!r} does not fit type {_type_name(tp)}")
@@ -255,7 +260,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse {raw!r}: {exc}") from exc
-    return key, value
+    return key, _coerce(value, _key_type(key), key)  # checked now, so a later override cannot mask it
+
+
+def _key_type(dotted: str) -> Any:
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        cls = _field_types(cls)[part]
+    return cls
 
 
 def load_config(path: str | Path | None, overrides: list[tuple[str, Any]] = ()) -> RunConfig:
