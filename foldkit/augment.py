@@ -14,10 +14,11 @@ from foldkit.config import AugmentConfig
 
 
 def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[A.BasicTransform]:
-    # INTER_AREA: the 112 px crops are usually shrunk; area averaging keeps the fine fake artefacts
-    # instead of aliasing them away.
+    # Area averaging when shrinking keeps fine blending artefacts instead of aliasing them away;
+    # linear when enlarging (112 -> 224 for ImageNet-scale backbones), where INTER_AREA would only
+    # replicate pixels.
     return [
-        A.Resize(size, size, interpolation=cv2.INTER_AREA),
+        A.Resize(size, size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
         A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
     ]
 

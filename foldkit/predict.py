@@ -6,8 +6,10 @@ way the test probabilities it is applied to are.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from foldkit.augment import eval_transform
-from foldkit.config import RunConfig, from_dict
+from foldkit.config import TTA_NAMES, RunConfig, from_dict
 from foldkit.dataset import ImageDataset, make_loader
 from foldkit.io import FoldkitError
 from foldkit.models import create_model, load_weights
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 def tta_transforms(names: Sequence[str]) -> ttach.Compose | None:
     """ttach transforms for the config's TTA names; None when no TTA (``none`` or empty)."""
+    unknown = [n for n in names if n not in TTA_NAMES]
+    if unknown:
+        raise FoldkitError(f"unknown TTA {unknown}; choose from {', '.join(TTA_NAMES)}")
     names = [n for n in names if n != "none"]
     if not names:
         return None
@@ -87,8 +92,12 @@ def predict_probs(
         with autocast(device, amp_dtype):
             probs = net(images)
         out[idx.numpy()] = probs.float().reshape(-1).cpu().numpy()
-    if np.isnan(out).any():
-        raise RuntimeError("some images received no prediction")
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).sum())
+        raise FoldkitError(
+            f"{desc}: the model produced NaN/inf for {bad} of {len(out)} images (diverged "
+            "training? try a lower lr, amp=bf16 or grad_clip)"
+        )
     return out
 
 
@@ -133,13 +142,22 @@ def predict_checkpoint(
     transform = eval_transform(cfg.data.img_size, tuple(ckpt["mean"]), tuple(ckpt["std"]))
     ds = ImageDataset(data_dir, paths, [-1] * len(paths), transform)
     loader = make_loader(ds, batch_size, shuffle=False, workers=workers, seed=0, pin=device.type == "cuda")
-    return predict_probs(model, loader, device, tta, amp_dtype, desc)
+    # Rounded to the precision the CSVs store, so a fresh prediction and a cached one are the same
+    # numbers and can never fall on different sides of the threshold.
+    return np.round(predict_probs(model, loader, device, tta, amp_dtype, desc), 8)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Content hash of a file, used to tell whether a cached prediction is still valid."""
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file, used to tell whether a cached prediction is still valid. Memoised on
+    (path, size, mtime) because the ensemble step asks for each checkpoint's hash more than once."""
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        while block := fh.read(1 << 22):
             h.update(block)
     return h.hexdigest()

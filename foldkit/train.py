@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -28,6 +29,7 @@ import timm.utils
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from foldkit import __version__
@@ -35,7 +37,7 @@ from foldkit.augment import eval_transform, train_transform
 from foldkit.blend import best_threshold
 from foldkit.config import RunConfig, save_config, to_dict
 from foldkit.dataset import ImageDataset, make_loader
-from foldkit.io import atomic_path, atomic_write_text
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 from foldkit.models import count_params, create_model, data_stats
 from foldkit.predict import autocast, file_sha256, load_checkpoint, predict_checkpoint, predict_probs
 
@@ -70,7 +72,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was asked for but CUDA is not available")
+        raise FoldkitError(f"device '{name}' was asked for but CUDA is not available here (use --device cpu)")
     return device
 
 
@@ -84,6 +86,7 @@ def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; with ``deterministic`` also force deterministic kernels."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -121,7 +124,16 @@ def _pos_weight(cfg: RunConfig, labels: np.ndarray) -> float:
     return 1.0 if pw is None else float(pw)
 
 
-def _loaders(cfg: RunConfig, data_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, mean, std, pin):
+def _loaders(
+    cfg: RunConfig,
+    data_dir: Path,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    pin: bool,
+) -> tuple[DataLoader, DataLoader]:
+    """Seeded train loader (shuffled, augmented) and eval loader (ordered, resize + normalise)."""
     size = cfg.data.img_size
     train_ds = ImageDataset(
         data_dir, train_df.path, train_df.label, train_transform(cfg.augment, size, mean, std, cfg.seed)
@@ -153,7 +165,7 @@ class _Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def train_epoch(self, loader, epoch: int) -> tuple[float, float]:
+    def train_epoch(self, loader: DataLoader, epoch: int) -> tuple[float, float]:
         """One pass over ``loader``; returns (mean loss, images per second)."""
         cfg, tc = self.cfg, self.cfg.train
         self.model.train()
@@ -204,13 +216,16 @@ def _make_trainer(
     if device.type == "cuda" and tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
-    updates = max(1, steps_per_epoch // tc.accum_steps)
-    scheduler = timm.scheduler.CosineLRScheduler(
+    # train_epoch also steps on a partial final accumulation, hence ceil, not floor
+    updates = max(1, math.ceil(steps_per_epoch / tc.accum_steps))
+    warmup = min(int(updates * tc.warmup_epochs), updates * tc.epochs - 1)
+    scheduler = timm.scheduler.CosineLRScheduler(  # warmup_prefix: reach the peak lr, then decay
         optimizer,
-        t_initial=updates * tc.epochs,
+        t_initial=max(1, updates * tc.epochs - warmup),
         lr_min=tc.min_lr,
-        warmup_t=int(updates * tc.warmup_epochs),
+        warmup_t=warmup,
         warmup_lr_init=tc.lr * 0.01,
+        warmup_prefix=True,
         t_in_epochs=False,
     )
     ema = timm.utils.ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
@@ -255,74 +270,89 @@ def fit_fold(
 ) -> dict[str, Any]:
     """Train ``backbone`` on folds != ``fold``, select on fold ``fold``, write the fold's OOF file.
 
-    Returns a summary: best epoch, score, threshold, and the paths written.
+    Returns a summary: best epoch, score, and the paths written.
     """
     paths = RunPaths.of(work_dir, exp, backbone, fold)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
+    # A retrain makes the old OOF of this fold stale the moment a new best.pt appears: remove it
+    # first, so an interrupted run leaves a missing fold (named by ensemble.py), never a wrong one.
+    paths.oof_csv.unlink(missing_ok=True)
+    paths.oof_meta.unlink(missing_ok=True)
     handler = _attach_log(paths.model_dir)
     try:
-        return _fit(cfg, backbone, fold, folds_df, folds_hash, data_dir, paths)
+        seed_everything(cfg.seed, cfg.deterministic)
+        device = resolve_device(cfg.device)
+        save_config(cfg, paths.model_dir / "config.yaml")
+        train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
+        model = create_model(cfg, backbone)
+        mean, std = data_stats(model)
+        model.to(device)
+        train_dl, val_dl = _loaders(cfg, data_dir, train_df, val_df, mean, std, device.type == "cuda")
+        steps = min(len(train_dl), cfg.train.max_train_batches or len(train_dl))
+        trainer = _make_trainer(cfg, model, device, steps, _pos_weight(cfg, train_df.label.to_numpy()))
+        log.info(
+            "%s fold %d: %d train / %d val images, %d params, device %s, amp %s",
+            backbone,
+            fold,
+            len(train_df),
+            len(val_df),
+            count_params(model),
+            device,
+            trainer.dtype,
+        )
+        base = {
+            "backbone": backbone,
+            "fold": fold,
+            "config": to_dict(cfg),
+            "folds_hash": folds_hash,
+            "mean": list(mean),
+            "std": list(std),
+            "metric": cfg.train.metric,
+            "foldkit_version": __version__,
+        }
+        best_epoch, best_score = _epochs(trainer, train_dl, val_dl, val_df, paths, base)
+        oof = write_oof(cfg, paths, val_df, data_dir, folds_hash, device, trainer.dtype)
     finally:
         logging.getLogger("foldkit").removeHandler(handler)
         handler.close()
-
-
-def _fit(cfg, backbone, fold, folds_df, folds_hash, data_dir, paths: RunPaths) -> dict[str, Any]:
-    seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
-    save_config(cfg, paths.model_dir / "config.yaml")
-    train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
-    model = create_model(cfg, backbone)
-    mean, std = data_stats(model)
-    model.to(device)
-    train_dl, val_dl = _loaders(cfg, data_dir, train_df, val_df, mean, std, device.type == "cuda")
-    steps = (
-        len(train_dl)
-        if cfg.train.max_train_batches is None
-        else min(len(train_dl), cfg.train.max_train_batches)
-    )
-    trainer = _make_trainer(cfg, model, device, steps, _pos_weight(cfg, train_df.label.to_numpy()))
-    log.info(
-        "%s fold %d: %d train / %d val images, %d params, device %s, amp %s",
-        backbone,
-        fold,
-        len(train_df),
-        len(val_df),
-        count_params(model),
-        device,
-        trainer.dtype,
-    )
-    base = {
+    return {
         "backbone": backbone,
         "fold": fold,
-        "config": to_dict(cfg),
-        "folds_hash": folds_hash,
-        "mean": list(mean),
-        "std": list(std),
-        "metric": cfg.train.metric,
-        "foldkit_version": __version__,
+        "best_epoch": best_epoch,
+        "score": best_score,
+        "model_dir": str(paths.model_dir),
+        "oof": str(oof),
     }
+
+
+def _epochs(
+    trainer: _Trainer,
+    train_dl: DataLoader,
+    val_dl: DataLoader,
+    val_df: pd.DataFrame,
+    paths: RunPaths,
+    base: dict,
+) -> tuple[int, float]:
+    """The epoch loop: train, validate, log, checkpoint (best and last), stop early; returns the best
+    epoch and its score."""
+    cfg = trainer.cfg
     y_val = val_df.label.to_numpy().astype(np.float64)
     history: list[dict[str, Any]] = []
     best_score, best_epoch, stale = -np.inf, -1, 0
     for epoch in range(1, cfg.train.epochs + 1):
         train_loss, rate = trainer.train_epoch(train_dl, epoch)
-        probs = predict_probs(trainer.eval_model(), val_dl, device, (), trainer.dtype, desc="validate")
+        probs = predict_probs(
+            trainer.eval_model(), val_dl, trainer.device, (), trainer.dtype, desc="validate"
+        )
         m = epoch_metrics(y_val, probs)
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            **m,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
-            "img_s": rate,
-        }
-        history.append(row)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        history.append({"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "img_s": rate})
         _write_history(paths.model_dir / "history.csv", history)
         log.info(
-            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f auc %.4f f1@0.5 %.4f best_f1 %.4f "
-            "@ %.3f  %.0f img/s",
-            backbone,
-            fold,
+            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f auc %.4f f1@0.5 %.4f best_f1 %.4f @ %.3f"
+            "  %.0f img/s",
+            base["backbone"],
+            base["fold"],
             epoch,
             cfg.train.epochs,
             train_loss,
@@ -334,8 +364,9 @@ def _fit(cfg, backbone, fold, folds_df, folds_hash, data_dir, paths: RunPaths) -
             rate,
         )
         score = _score(m, cfg.train.metric)
+        score = -np.inf if np.isnan(score) else score  # e.g. AUC on a one-class holdout
         payload = {**base, "epoch": epoch, "score": score, "threshold": m["threshold"], "val": m}
-        if score > best_score:
+        if score > best_score or best_epoch < 0:  # epoch 1 is always saved, so best.pt exists
             best_score, best_epoch, stale = score, epoch, 0
             _save_checkpoint(paths.model_dir / "best.pt", {**payload, "model": _state(trainer.eval_model())})
         else:
@@ -349,22 +380,19 @@ def _fit(cfg, backbone, fold, folds_df, folds_hash, data_dir, paths: RunPaths) -
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(),
                 "step": trainer.step,
+                **({"ema": _state(trainer.ema.module)} if trainer.ema is not None else {}),
             },
         )
         if cfg.train.patience is not None and stale >= cfg.train.patience:
             log.info(
-                "%s fold %d: early stop after epoch %d (best epoch %d)", backbone, fold, epoch, best_epoch
+                "%s fold %d: early stop after epoch %d (best epoch %d)",
+                base["backbone"],
+                base["fold"],
+                epoch,
+                best_epoch,
             )
             break
-    oof = write_oof(cfg, paths, val_df, data_dir, folds_hash, device, trainer.dtype)
-    return {
-        "backbone": backbone,
-        "fold": fold,
-        "best_epoch": best_epoch,
-        "score": float(best_score),
-        "model_dir": str(paths.model_dir),
-        "oof": str(oof),
-    }
+    return best_epoch, float(best_score)
 
 
 def write_oof(
@@ -376,8 +404,12 @@ def write_oof(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> Path:
-    """Predict the holdout with the best checkpoint and the config's TTA; write ``fold<k>.csv`` and
-    its sidecar ``fold<k>.json`` (folds hash, checkpoint hash, TTA, config)."""
+    """Predict the holdout with the best checkpoint and the config's TTA; write ``fold<k>.csv`` and its
+    sidecar ``fold<k>.json`` (folds hash, TTA, checkpoint hash, config).
+
+    The checkpoint's ``threshold`` is re-tuned on these TTA predictions and saved back, so the seed's
+    single-checkpoint test mode (which predicts with the same TTA) applies a matching threshold.
+    """
     best = paths.model_dir / "best.pt"
     ckpt = load_checkpoint(best)
     probs = predict_checkpoint(
@@ -391,10 +423,12 @@ def write_oof(
         dtype,
         desc=f"oof fold {paths.fold}",
     )
+    threshold, f1 = best_threshold(val_df.label.to_numpy().astype(int), probs)
+    ckpt.update(threshold=float(threshold), threshold_tta=list(cfg.tta), oof_f1=float(f1))
+    _save_checkpoint(best, ckpt)
     oof = pd.DataFrame(
         {"name": val_df.name.to_numpy(), "label": val_df.label.to_numpy(), "fold": paths.fold, "prob": probs}
     )
-    atomic_write_text(paths.oof_csv, oof.to_csv(index=False, float_format="%.8f"))
     meta = {
         "backbone": ckpt["backbone"],
         "fold": paths.fold,
@@ -404,7 +438,9 @@ def write_oof(
         "checkpoint": str(best),
         "checkpoint_sha256": file_sha256(best),
         "best_epoch": ckpt["epoch"],
+        "threshold": float(threshold),
         "config": ckpt["config"],
     }
-    atomic_write_text(paths.oof_meta, json.dumps(meta, indent=2))
+    atomic_write_text(paths.oof_meta, json.dumps(meta, indent=2))  # sidecar first: a csv never lacks one
+    atomic_write_text(paths.oof_csv, oof.to_csv(index=False, float_format="%.8f"))
     return paths.oof_csv
