@@ -13,6 +13,7 @@ Test mode writes --prediction_file (default prediction.txt) as `name label` line
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -26,16 +27,22 @@ log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the shortcuts' None (their help text states the real default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    """Every option of main.py, with its default in --help."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument(
         "--config", default="configs/default.yaml", help="YAML config (relative: cwd, then project)"
     )
     add_path_args(p)
     p.add_argument("--exp", default=None, help="experiment name (default: the config file's stem)")
-    p.add_argument("--fold", default="all", help="folds to train: 0 | 0,2 | all")
+    p.add_argument("--fold", default="all", help="folds to train: 0 | 0,2 | 0..4 | all")
     p.add_argument(
         "--backbones", default=None, help="comma-separated timm names, replacing the config's list"
     )
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key (dotted, YAML-typed), repeatable: --set train.ema=false",
     )
     for name, key in SHORTCUTS.items():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])  # --img-size first
         p.add_argument(
             *flags,
             dest=name,
@@ -92,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config_path(text: str) -> Path:
+    """A relative config path is looked up in the current folder, then in the project."""
     path = Path(text)
     if path.is_file() or path.is_absolute():
         return path
@@ -111,22 +119,63 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def parse_folds(text: str, k: int) -> list[int]:
-    if text == "all":
+    """``0``, ``0,2``, ``1..3`` (inclusive) or ``all`` -> sorted unique fold numbers in 0..k-1."""
+    if text.strip() == "all":
         return list(range(k))
+    folds: set[int] = set()
     try:
-        folds = [int(t) for t in text.split(",") if t.strip()]
+        for part in (t.strip() for t in text.split(",") if t.strip()):
+            lo, _, hi = part.partition("..")
+            folds.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise FoldkitError(f"--fold {text!r}: expected 0, 0,2 or all") from None
-    bad = [f for f in folds if not 0 <= f < k]
-    if bad or not folds:
+        raise FoldkitError(f"--fold {text!r}: expected 0, 0,2, 0..4 or all") from None
+    if not folds or not all(0 <= f < k for f in folds):
         raise FoldkitError(f"--fold {text!r}: folds must be in 0..{k - 1}")
-    return folds
+    return sorted(folds)
+
+
+def guard_refold(work_dir: Path, cfg: RunConfig, refold: bool) -> None:
+    """Refuse to silently rebuild folds with other settings while trained OOF files depend on them
+    (they would all become unusable); ``--refold`` or another ``--work-dir`` says it is meant."""
+    meta_path = work_dir / "folds" / "folds.json"
+    if refold or not meta_path.is_file():
+        return
+    old = json.loads(meta_path.read_text(encoding="utf-8"))
+    d = cfg.data
+    wanted = {
+        "k": d.k,
+        "seed": d.fold_seed,
+        "group_regex": d.group_regex,
+        "near_dup": d.near_dup,
+        "hamming": d.hamming,
+    }
+    changed = [
+        f"{key} {old.get(key)!r} -> {v!r}"
+        for key, v in wanted.items()
+        if old.get(key) != v and (key != "hamming" or d.near_dup)
+    ]
+    if not changed:
+        return
+    users = sorted(
+        {
+            p.parent.parent.name
+            for p in (work_dir / "oof").glob("*/*/fold*.json")
+            if json.loads(p.read_text(encoding="utf-8")).get("folds_hash") == old.get("hash")
+        }
+    )
+    if users:
+        raise FoldkitError(
+            f"{meta_path} was made with other fold settings ({'; '.join(changed)}) and experiment(s) "
+            f"{', '.join(users)} were trained on it; rebuilding would make their OOF files unusable. "
+            "Pass --refold to rebuild anyway, or use another --work-dir."
+        )
 
 
 def train(args: argparse.Namespace) -> int:
+    """Train mode: every (fold, backbone) pair asked for, after checking weights, device and folds."""
     from foldkit.folds import ensure_folds
     from foldkit.models import create_model
-    from foldkit.train import fit_fold
+    from foldkit.train import fit_fold, resolve_device
 
     cfg = config_from_args(args)
     exp = args.exp or Path(args.config).stem
@@ -138,8 +187,10 @@ def train(args: argparse.Namespace) -> int:
             )
         backbones = [args.model]
     folds = parse_folds(args.fold, cfg.data.k)
+    resolve_device(cfg.device)
     for backbone in backbones:  # fail before any work when a model or its weights cannot be had
         create_model(cfg, backbone)
+    guard_refold(args.work_dir, cfg, args.refold)
     folds_df, meta = ensure_folds(
         args.data_dir,
         args.work_dir,
@@ -184,17 +235,25 @@ def resolve_checkpoint(name: str, work_dir: Path) -> Path:
 def test(args: argparse.Namespace) -> int:
     """The seed's test mode: one checkpoint predicts the test set; `name label` lines in file order."""
     from foldkit.data import read_test
-    from foldkit.predict import load_checkpoint, predict_checkpoint
+    from foldkit.predict import load_checkpoint, predict_checkpoint, tta_transforms
     from foldkit.submission import write_submission
     from foldkit.train import amp_dtype, resolve_device
 
     if not args.model_name:
         raise FoldkitError("--mode test needs --model_name CHECKPOINT")
+    ignored = [
+        f"--{n}"
+        for n in ("overrides", "backbones", "model", "epochs", "lr", "img_size", "seed")
+        if getattr(args, n)
+    ] + (["--config"] if args.config != "configs/default.yaml" else [])
+    if ignored:
+        log.warning("test mode uses the checkpoint's own config; ignoring %s", ", ".join(ignored))
     ckpt = load_checkpoint(resolve_checkpoint(args.model_name, args.work_dir))
     cfg = from_dict(ckpt["config"], f"{args.model_name}: ")
     test_df = read_test(args.data_dir)
     device = resolve_device(args.device or "auto")
-    tta = [t.strip() for t in args.tta.split(",")] if args.tta else cfg.tta
+    tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else cfg.tta
+    tta_transforms(tta)  # unknown names stop here, before any work
     batch = int(args.batch) if args.batch else cfg.train.batch_size
     workers = int(args.workers) if args.workers is not None else min(cfg.data.workers, 4)
     probs = predict_checkpoint(
@@ -218,6 +277,7 @@ def test(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run train or (seed-compatible) test mode."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     return test(args) if args.mode == "test" else train(args)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,15 +133,33 @@ def validate(cfg: RunConfig) -> None:
     for name in cfg.tta:
         if name not in TTA_NAMES:
             raise ConfigError(f"tta: {name!r} is not one of {', '.join(TTA_NAMES)}")
+    tc, aug = cfg.train, cfg.augment
     checks = {
         "data.k": cfg.data.k >= 2,
         "data.img_size": cfg.data.img_size >= 16,
-        "train.epochs": cfg.train.epochs >= 1,
-        "train.batch_size": cfg.train.batch_size >= 1,
-        "train.accum_steps": cfg.train.accum_steps >= 1,
-        "train.lr": cfg.train.lr > 0,
         "data.workers": cfg.data.workers >= 0,
+        "data.hamming": 0 <= cfg.data.hamming < 64,
+        "seed": cfg.seed >= 0,
+        "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
+        "train.epochs": tc.epochs >= 1,
+        "train.batch_size": tc.batch_size >= 1,
+        "train.accum_steps": tc.accum_steps >= 1,
+        "train.lr": math.isfinite(tc.lr) and tc.lr > 0,
+        "train.min_lr": math.isfinite(tc.min_lr) and 0 <= tc.min_lr <= tc.lr,
+        "train.weight_decay": tc.weight_decay >= 0,
+        "train.warmup_epochs": 0 <= tc.warmup_epochs <= tc.epochs,
+        "train.grad_clip": tc.grad_clip is None or tc.grad_clip > 0,
+        "train.ema_decay": 0 < tc.ema_decay < 1,
+        "train.label_smoothing": 0 <= tc.label_smoothing < 1,
+        "train.patience": tc.patience is None or tc.patience >= 1,
+        "train.max_train_batches": tc.max_train_batches is None or tc.max_train_batches >= 1,
+        "augment.jpeg_quality": len(aug.jpeg_quality) == 2
+        and 1 <= aug.jpeg_quality[0] <= aug.jpeg_quality[1] <= 100,
+        "augment.dropout_holes": aug.dropout_holes >= 1,
+        "augment.scale": 0 <= aug.scale < 1,
     }
+    for name in ("hflip", "affine", "color", "to_gray", "blur", "downscale", "jpeg", "noise", "dropout"):
+        checks[f"augment.{name}"] = 0 <= getattr(aug, name) <= 1  # probabilities
     for key, ok in checks.items():
         if not ok:
             raise ConfigError(f"{key}: {get_key(cfg, key)!r} is out of range")
