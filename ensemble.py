@@ -22,6 +22,7 @@ from foldkit.io import FoldkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option of ensemble.py, with its default in --help."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -38,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", *METHODS),
         default="auto",
         help="blend method; auto picks the best nested-CV F1",
+    )
+    p.add_argument(
+        "--blend-objective",
+        "--blend_objective",
+        dest="objective",
+        choices=("logloss", "auc"),
+        default="logloss",
+        help="weighted blend: what the weights optimise (auc needs --blend-solver hill)",
+    )
+    p.add_argument(
+        "--blend-solver",
+        "--blend_solver",
+        dest="solver",
+        choices=("scipy", "hill"),
+        default="scipy",
+        help="weighted blend: scipy (SLSQP on log-loss) or hill (greedy hill climbing, Caruana)",
     )
     p.add_argument(
         "--tta",
@@ -68,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Fit the ensemble on OOF (and write the report); in test mode also write the submission."""
     from foldkit.ensemble import Options, fit, predict_test
 
     args = build_parser().parse_args(argv)
@@ -84,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         args.work_dir,
         exps,
         args.blend,
+        args.objective,
+        args.solver,
         tta,
         args.allow_partial,
         args.device,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,14 @@ import numpy as np
 import pandas as pd
 
 from foldkit.blend import METHODS, Blend, best_threshold, choose_blend, fit_blend, nested_threshold_f1
+from foldkit.config import from_dict
 from foldkit.data import read_test
 from foldkit.io import FoldkitError, atomic_write_text
 from foldkit.oof import ModelOOF, OOFSet, load_oof
 from foldkit.predict import file_sha256, load_checkpoint, predict_checkpoint
 from foldkit.report import summary_table, write_report
 from foldkit.submission import write_submission
-from foldkit.train import resolve_device
+from foldkit.train import amp_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class Options:
     work_dir: Path
     exps: list[str]
     blend: str = "auto"  # auto: the method with the best nested-CV F1
+    objective: str = "logloss"  # weighted blend: what the weights optimise (logloss or auc)
+    solver: str = "scipy"  # weighted blend: scipy (log-loss) or hill (greedy hill climbing)
     tta: list[str] | None = None  # None: the TTA the OOF files were made with
     allow_partial: bool = False
     device: str = "auto"
@@ -76,46 +80,64 @@ def _tag(tta: Sequence[str]) -> str:
     return "-".join(tta) or "none"
 
 
+def _images_key(data_dir: Path, df: pd.DataFrame) -> str:
+    """Hash of the images' resolved paths, sizes and modification times: a test folder whose files
+    were replaced under the same names (a new public/private split) must not reuse old predictions."""
+    h = hashlib.sha256(str(Path(data_dir).resolve()).encode("utf-8"))
+    for name, rel in zip(df.name, df.path, strict=True):
+        st = os.stat(Path(data_dir) / rel)
+        h.update(f"\n{name}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _read_key(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or corrupt sidecar: a cache miss, not an error
+        return None
+
+
 def cached_probs(
     opts: Options, m: ModelOOF, fold: int, df: pd.DataFrame, tta: list[str], cache: Path
 ) -> np.ndarray:
     """Probabilities of ``df``'s images from ``m``'s fold checkpoint, cached in ``cache`` (csv + json)
-    and reused while the checkpoint, the TTA and the image list are unchanged."""
+    and reused while the checkpoint, the TTA, the precision and the images are unchanged.
+
+    Predicts exactly as ``main.py`` made the OOF: same function, same AMP dtype for the device.
+    """
     ckpt_path = m.checkpoint(opts.work_dir, fold)
     if not ckpt_path.is_file():
         raise FoldkitError(f"{m.key} fold {fold}: checkpoint {ckpt_path} is missing")
+    device = resolve_device(opts.device)
+    ckpt = load_checkpoint(ckpt_path)
+    dtype = amp_dtype(from_dict(ckpt["config"]), device)
     key = {
         "checkpoint_sha256": file_sha256(ckpt_path),
         "tta": list(tta),
-        "names_sha256": _names_hash(df.name),
+        "precision": f"{device.type}:{dtype}",
+        "images_sha256": _images_key(opts.data_dir, df),
         "n": len(df),
     }
-    meta_path = cache.with_suffix(".json")
-    if cache.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == key:
+    if cache.is_file() and _read_key(cache.with_suffix(".json")) == key:
         cached = pd.read_csv(cache, dtype={"name": str})
         if cached.name.tolist() == df.name.tolist():
             log.info("%s fold %d: reusing %s", m.key, fold, cache)
             return cached.prob.to_numpy(dtype=np.float64)
     probs = predict_checkpoint(
-        load_checkpoint(ckpt_path),
+        ckpt,
         opts.data_dir,
         df.path.tolist(),
         tta,
         opts.batch,
         opts.workers,
-        resolve_device(opts.device),
+        device,
+        dtype,
         desc=f"{m.key} fold {fold}",
     )
-    atomic_write_text(
-        cache,
-        pd.DataFrame({"name": df.name.to_numpy(), "prob": probs}).to_csv(index=False, float_format="%.8f"),
-    )
-    atomic_write_text(meta_path, json.dumps(key, indent=2))
+    table = pd.DataFrame({"name": df.name.to_numpy(), "prob": probs})
+    atomic_write_text(cache, table.to_csv(index=False, float_format="%.8f"))
+    atomic_write_text(cache.with_suffix(".json"), json.dumps(key, indent=2))
     return probs
-
-
-def _names_hash(names: pd.Series) -> str:
-    return hashlib.sha256("\n".join(names.astype(str)).encode("utf-8")).hexdigest()
 
 
 def _repredict_oof(opts: Options, oof: OOFSet, tta: list[str]) -> None:
@@ -137,8 +159,9 @@ def fit(opts: Options) -> Fitted:
         log.info("OOF files were made with TTA %s; re-predicting them with %s", made_with, tta)
         _repredict_oof(opts, oof, tta)
     methods = METHODS if opts.blend == "auto" else (opts.blend,)
-    chosen, nested = choose_blend(oof.P, oof.y, oof.folds, methods=methods)
-    blend = fit_blend(oof.P, oof.y, chosen)
+    fit_kw = {"objective": opts.objective, "solver": opts.solver}
+    chosen, nested = choose_blend(oof.P, oof.y, oof.folds, methods=methods, **fit_kw)
+    blend = fit_blend(oof.P, oof.y, chosen, **fit_kw)
     blended = blend.apply(oof.P)
     threshold, in_sample = best_threshold(oof.y, blended)
     keys = [m.key for m in oof.models]
@@ -151,6 +174,7 @@ def fit(opts: Options) -> Fitted:
         "left_out": oof.left_out,
         "tta": tta,
         "folds_hash": oof.folds_hash,
+        "weighted_fit": fit_kw,
     }
     model_probs = {key: oof.P[:, j] for j, key in enumerate(keys)}
     out_dir = opts.work_dir / "oof" / opts.name

@@ -17,6 +17,7 @@ import pandas as pd
 
 from foldkit.folds import load_folds
 from foldkit.io import FoldkitError
+from foldkit.predict import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,53 @@ def _model_column(m: ModelOOF, folds_df: pd.DataFrame) -> np.ndarray:
     return p
 
 
+def _absent_backbones(models: list[ModelOOF], exps: list[str], several: bool) -> list[str]:
+    """Backbones an experiment's configs list but that have no OOF folder at all (never trained)."""
+    absent = []
+    for exp in exps:
+        have = {m.backbone for m in models if m.exp == exp}
+        listed = {
+            b
+            for m in models
+            if m.exp == exp
+            for meta in m.metas.values()
+            for b in meta.get("config", {}).get("backbones", [])
+        }
+        absent += [f"{exp}/{b}" if several else b for b in sorted(listed - have)]
+    return absent
+
+
+def check_checkpoints(models: list[ModelOOF], work_dir: Path) -> None:
+    """Each OOF file must come from the best.pt that test inference will use: a retrain that was
+    interrupted, or a copied-in checkpoint, would otherwise fit on one model and predict with another."""
+    stale = []
+    for m in models:
+        for k, meta in m.metas.items():
+            ckpt = m.checkpoint(work_dir, k)
+            if not ckpt.is_file():
+                stale.append(f"{m.key} fold {k} (no {ckpt})")
+            elif meta.get("checkpoint_sha256") != file_sha256(ckpt):
+                stale.append(f"{m.key} fold {k} ({ckpt} changed since its OOF file was written)")
+    if stale:
+        raise FoldkitError(
+            "OOF files do not match their checkpoints: "
+            + "; ".join(stale)
+            + "\n(retrain those folds with python main.py --fold K)"
+        )
+
+
 def load_oof(work_dir: Path, exps: list[str], allow_partial: bool = False) -> OOFSet:
     """Load, check and align every complete model of ``exps``; name what is missing (exit 2), or with
     ``allow_partial`` leave incomplete models out and say which."""
     folds_df, meta = load_folds(work_dir)
     k, current = int(meta["k"]), meta["hash"]
-    models = discover(work_dir, exps, several=len(exps) > 1)
-    check_hashes(models, current)
+    several = len(exps) > 1
+    models = discover(work_dir, exps, several)
     gaps = {m.key: [f for f in range(k) if f not in m.files] for m in models}
-    missing = [f"{key} fold {f}" for key, fs in gaps.items() for f in fs]
+    absent = _absent_backbones(models, exps, several)
+    missing = [f"{key} fold {f}" for key, fs in gaps.items() for f in fs] + [f"{b} (no fold)" for b in absent]
     complete = [m for m in models if not gaps[m.key]]
-    left_out = [m.key for m in models if gaps[m.key]]
+    left_out = [m.key for m in models if gaps[m.key]] + absent
     if missing and not allow_partial:
         raise FoldkitError(
             "missing OOF predictions: "
@@ -155,20 +192,11 @@ def load_oof(work_dir: Path, exps: list[str], allow_partial: bool = False) -> OO
             + "\n(train them with python main.py --fold K, or pass --allow-partial)"
         )
     if left_out:
-        log.warning(
-            "left out (incomplete): %s", ", ".join(f"{key} (missing folds {gaps[key]})" for key in left_out)
-        )
+        log.warning("left out (incomplete): %s", ", ".join(missing))
     if not complete:
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
+    check_hashes(complete, current)
+    check_checkpoints(complete, work_dir)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])
-    return OOFSet(
-        folds_df.name.to_numpy(),
-        folds_df.label.to_numpy().astype(int),
-        folds_df.fold.to_numpy(),
-        P,
-        complete,
-        current,
-        k,
-        left_out,
-        folds_df,
-    )
+    y, folds = folds_df.label.to_numpy().astype(int), folds_df.fold.to_numpy()
+    return OOFSet(folds_df.name.to_numpy(), y, folds, P, complete, current, k, left_out, folds_df)
