@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,11 +73,43 @@ def test_test_predictions_are_cached_and_reused(trained_copy: Path, tiny_data: P
     monkeypatch.setattr("foldkit.ensemble.predict_checkpoint", refuse)
     assert _ensemble(trained_copy, tiny_data, "--mode", "test") == 0
     assert (trained_copy / "submissions/demo/prediction.txt").read_bytes() == first
-    # a changed checkpoint invalidates its cache entry
+    # a test image replaced under the same name invalidates the cache (new public/private split)
+    image = tiny_data / read_test(tiny_data).path.iloc[0]
+    original = image.read_bytes()
+    try:
+        image.write_bytes(original)  # same name, new file times
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+        with pytest.raises(AssertionError, match="cache should have been used"):
+            _ensemble(trained_copy, tiny_data, "--mode", "test")
+    finally:
+        image.write_bytes(original)
+
+
+def test_checkpoint_changed_after_its_oof_is_refused(trained_copy: Path, tiny_data: Path, capsys) -> None:
     best = trained_copy / "models/demo/test_convnext/fold0/best.pt"
     best.write_bytes(best.read_bytes() + b"\0")
-    with pytest.raises(AssertionError, match="cache should have been used"):
-        _ensemble(trained_copy, tiny_data, "--mode", "test")
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test") == 2
+    err = capsys.readouterr().err
+    assert "do not match their checkpoints" in err and "test_convnext fold 0" in err
+    assert not (trained_copy / "submissions").exists()
+
+
+def test_backbone_never_trained_is_named(trained_copy: Path, tiny_data: Path, capsys) -> None:
+    shutil.rmtree(trained_copy / "oof/demo/test_convnext")
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 2
+    assert "test_convnext (no fold)" in capsys.readouterr().err
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val", "--allow-partial") == 0
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    assert set(report["models"]) == {"test_efficientnet"}
+
+
+def test_weighted_blend_options_reach_the_fit(trained_copy: Path, tiny_data: Path) -> None:
+    argv = ["--mode", "val", "--blend", "weighted", "--blend-objective", "auc", "--blend-solver", "hill"]
+    assert _ensemble(trained_copy, tiny_data, *argv) == 0
+    blend = json.loads((trained_copy / "oof/demo/report.json").read_text())["blend"]
+    assert blend["method"] == "weighted"
+    assert blend["weighted_fit"] == {"objective": "auc", "solver": "hill"}
+    assert sum(blend["weights"].values()) == pytest.approx(1.0)
 
 
 def test_missing_fold_is_named_and_allow_partial_leaves_the_model_out(

@@ -150,6 +150,9 @@ def test_help_lists_every_option_with_defaults() -> None:
         (["--set", "train.epochs=many"], "train.epochs"),
         (["--model", "resnet50"], "not in the config's backbones"),
         (["--fold", "7"], "folds must be in 0..1"),
+        (["--fold", "0..3"], "folds must be in 0..1"),
+        (["--device", "cuda:0"], "CUDA is not available"),
+        (["--set", "augment.jpeg_quality=[50]"], "augment.jpeg_quality"),
     ],
 )
 def test_bad_options_exit_2_and_write_nothing(tiny_data: Path, tmp_path: Path, capsys, argv, message) -> None:
@@ -192,3 +195,83 @@ def test_pretrained_file_missing_is_named(tiny_data: Path, tmp_path: Path, capsy
 def test_oof_probabilities_are_not_constant(trained: Path) -> None:
     probs = pd.read_csv(trained / "oof/demo/test_convnext/fold0.csv").prob.to_numpy()
     assert np.ptp(probs) > 0
+
+
+def test_parse_folds_accepts_lists_ranges_and_all() -> None:
+    assert main.parse_folds("all", 5) == [0, 1, 2, 3, 4]
+    assert main.parse_folds("0..4", 5) == [0, 1, 2, 3, 4]
+    assert main.parse_folds("3,1,1", 5) == [1, 3]
+    assert main.parse_folds("0,2..3", 5) == [0, 2, 3]
+
+
+def test_seed_test_mode_rejects_unknown_tta(trained: Path, tiny_data: Path, tmp_path: Path, capsys) -> None:
+    ckpt = trained / "models/demo/test_efficientnet/fold0/best.pt"
+    argv = [
+        "--mode",
+        "test",
+        "--model_name",
+        str(ckpt),
+        "--data-dir",
+        str(tiny_data),
+        "--tta",
+        "spin",
+        "--prediction_file",
+        str(tmp_path / "p.txt"),
+    ]
+    assert run(main.main, argv) == 2
+    assert "unknown TTA" in capsys.readouterr().err
+    assert not (tmp_path / "p.txt").exists()
+
+
+def test_best_checkpoint_threshold_is_tuned_on_the_tta_oof(trained: Path) -> None:
+    from foldkit.blend import best_threshold
+
+    ckpt = torch.load(
+        trained / "models/demo/test_convnext/fold0/best.pt", map_location="cpu", weights_only=True
+    )
+    oof = pd.read_csv(trained / "oof/demo/test_convnext/fold0.csv")
+    assert ckpt["threshold_tta"] == ["hflip"]
+    assert ckpt["threshold"] == pytest.approx(
+        best_threshold(oof.label.to_numpy(), oof.prob.to_numpy())[0], abs=1e-7
+    )
+
+
+def test_refold_with_other_settings_is_refused_while_oof_depends_on_it(
+    trained_copy: Path, tiny_data: Path, capsys
+) -> None:
+    before = (trained_copy / "folds/folds.csv").read_bytes()
+    assert train_tiny(tiny_data, trained_copy, "--set", "data.fold_seed=7") == 2
+    err = capsys.readouterr().err
+    assert "seed 42 -> 7" in err and "demo" in err and "--refold" in err
+    assert (trained_copy / "folds/folds.csv").read_bytes() == before
+
+
+def test_ema_accumulation_early_stop_and_workers_are_deterministic(tiny_data: Path, tmp_path: Path) -> None:
+    extra = [
+        "--model",
+        "test_efficientnet",
+        "--fold",
+        "0",
+        "--epochs",
+        "3",
+        "--workers",
+        "2",
+        "--set",
+        "train.ema=true",
+        "--set",
+        "train.ema_decay=0.9",
+        "--set",
+        "train.accum_steps=2",
+        "--set",
+        "train.patience=1",
+        "--set",
+        "train.metric=loss",
+        "--set",
+        "train.pos_weight=balanced",
+    ]
+    for run_dir in ("a", "b"):
+        assert train_tiny(tiny_data, tmp_path / run_dir, *extra) == 0
+    a, b = (tmp_path / d / "oof/demo/test_efficientnet/fold0.csv" for d in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    last = torch.load(tmp_path / "a/models/demo/test_efficientnet/fold0/last.pt", weights_only=True)
+    assert "ema" in last and last["step"] >= 1
