@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests: this machine is offline
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,17 @@ TRAIN_ARGS = [
     "--config", "configs/demo.yaml", "--fold", "all", "--epochs", "1", "--img-size", "32", "--batch", "16",
     "--set", "data.k=2", "--set", "train.warmup_epochs=0",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _foldkit_logger():
+    """For every test: let caplog see ``foldkit`` records and undo any console handler a CLI call installs."""
+    logger = logging.getLogger("foldkit")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.propagate = True
+    yield
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")

@@ -23,17 +23,6 @@ from foldkit.data import (
 from foldkit.folds import main as folds_main
 
 
-@pytest.fixture(autouse=True)
-def _foldkit_logger():
-    """Let caplog see ``foldkit`` records and undo any console handler a CLI call installs."""
-    logger = logging.getLogger("foldkit")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    logger.propagate = True
-    yield
-    logger.handlers[:] = saved[0]
-    logger.propagate, logger.level = saved[1], saved[2]
-
-
 def save_png(path: Path, size: tuple[int, int] = (16, 16), mode: str = "RGB", seed: int = 0) -> None:
     """A small random image; ``size`` is (width, height) like PIL."""
     rng = np.random.default_rng(seed)

@@ -39,17 +39,6 @@ from foldkit.io import FoldkitError
 SETTINGS = {"k": 5, "seed": 42, "group_regex": None, "near_dup": False, "hamming": 6}
 
 
-@pytest.fixture(autouse=True)
-def _foldkit_logger():
-    """Let caplog see ``foldkit`` records and undo any console handler a CLI call installs."""
-    logger = logging.getLogger("foldkit")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    logger.propagate = True
-    yield
-    logger.handlers[:] = saved[0]
-    logger.propagate, logger.level = saved[1], saved[2]
-
-
 def synthetic_index(
     n: int = 3000, fake_ratio: float = 0.3, n_subjects: int = 300, seed: int = 0
 ) -> pd.DataFrame:
