@@ -19,8 +19,9 @@ import pytest
 from foldkit.cli import run
 from foldkit.synthetic import generate
 
-TRAIN_ARGS = [
-    "--config", "configs/demo.yaml", "--fold", "all", "--epochs", "1", "--img-size", "32", "--batch", "16",
+TRAIN_ARGS = [  # the backbones are pinned here, so the demo config may pick its own pair
+    "--config", "configs/demo.yaml", "--backbones", "test_efficientnet,test_convnext", "--fold", "all",
+    "--epochs", "1", "--img-size", "32", "--batch", "16",
     "--set", "data.k=2", "--set", "train.warmup_epochs=0",
 ]  # fmt: skip
 

@@ -239,7 +239,7 @@ def test_whole_toolkit_from_the_command_line(tmp_path: Path) -> None:
     assert "submission:" in out.stdout
     sub = read_submission(work / "submissions/demo/prediction.txt")
     assert sub.name.tolist() == read_test(data).name.tolist()
-    shutil.copy(work / "models/demo/test_convnext/fold2/best.pt", tmp_path / "1.pth")
+    shutil.copy(work / "models/demo/test_resnet/fold2/best.pt", tmp_path / "1.pth")
     seed = subprocess.run(
         [
             sys.executable,
