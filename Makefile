@@ -27,6 +27,7 @@ demo: install
 	$(PY) main.py --config configs/demo.yaml --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK) --fold all
 	$(PY) ensemble.py --mode test --exp demo --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK)
 	@echo
+	$(PY) -m foldkit.report $(DEMO_WORK)/oof/demo/report.json | tail -n 1
 	@echo "demo done:"
 	@echo "  OOF report:  $(DEMO_WORK)/oof/demo/report.md  (plots beside it)"
 	@echo "  submission:  $(DEMO_WORK)/submissions/demo/prediction.txt  (+ probs.csv)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,10 @@ def _md_summary(report: dict[str, Any]) -> list[str]:
     ]
     if b["left_out"]:
         lines.append(f"- Left out (incomplete OOF): {', '.join(b['left_out'])}")
+    lines.append(
+        "- Note: each fold's best epoch was chosen on that fold's own holdout, so OOF scores lean "
+        "slightly optimistic; the nested-CV F1 is the fairer guide to the leaderboard."
+    )
     return [*lines, ""]
 
 
@@ -541,3 +546,40 @@ def _write_plots(
     _plot_confusion(out_dir / "confusion.png", y, blended, report)
     _plot_correlation(out_dir / "correlation.png", report)
     return [name for name in PLOTS if (out_dir / name).is_file()]
+
+
+def blend_vs_folds(report: dict[str, Any]) -> str:
+    """One line comparing the blend with the weakest single (model, fold): what an ensemble buys."""
+    worst = min(
+        (
+            (m["per_fold"][k]["best_f1"], name, k)
+            for name, m in report["models"].items()
+            for k in m["per_fold"]
+        ),
+        key=lambda t: t[0],
+    )
+    s = report["summary"]
+    return (
+        f"blend [{s['method']}] OOF F1 {_fmt(s['in_sample_f1'])} (nested-CV {_fmt(s['nested_cv_f1'])}); "
+        f"weakest single model-fold: {worst[1]} fold {worst[2]} F1 {_fmt(worst[0])}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m foldkit.report oof/<exp>/report.json``: print the terminal summary of a report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the summary of an OOF report.json")
+    parser.add_argument("report", type=Path, help="path to oof/<exp>/report.json")
+    args = parser.parse_args(argv)
+    if not args.report.is_file():
+        print(f"error: {args.report} not found (make it with python ensemble.py --mode val)", file=sys.stderr)
+        return 2
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    print(summary_table(report))
+    print(blend_vs_folds(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -170,3 +170,30 @@ def test_write_report_rejects_mismatched_lengths(tmp_path: Path) -> None:
     with pytest.raises(FoldkitError):
         write_report(tmp_path, y, folds, probs, blended[:-1], info, thr, "bad")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_cli_prints_summary_and_weakest_fold(tmp_path: Path, capsys) -> None:
+    from foldkit.report import main as report_main
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    folds = np.arange(300) % 3
+    good = np.clip(y * 0.6 + rng.random(300) * 0.4, 0, 1)
+    noise = rng.random(300)
+    probs = {"good": good, "noise": noise}
+    blended = (good + noise) / 2
+    info = {
+        "method": "mean",
+        "weights": {"good": 0.5, "noise": 0.5},
+        "nested": {},
+        "in_sample_f1": 0.9,
+        "honest": {"mean": 0.8, "per_fold": [0.8] * 3, "thresholds": [0.5] * 3},
+        "left_out": [],
+    }
+    write_report(tmp_path, y, folds, probs, blended, info, 0.5, "t")
+    assert report_main([str(tmp_path / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "good" in out and "noise" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("blend [mean]") and "weakest single model-fold: noise fold" in last
+    assert report_main([str(tmp_path / "missing.json")]) == 2
