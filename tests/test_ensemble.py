@@ -257,3 +257,26 @@ def test_whole_toolkit_from_the_command_line(tmp_path: Path) -> None:
     )
     assert seed.returncode == 0, seed.stderr[-3000:]
     assert len((tmp_path / "prediction.txt").read_text().splitlines()) == 16
+
+
+def test_several_experiments_blend_together(trained_copy: Path, tiny_data: Path) -> None:
+    """``--exp a,b`` blends every model of both, names them exp/backbone, and writes under a+b."""
+    for sub in ("models", "oof"):
+        shutil.copytree(trained_copy / sub / "demo", trained_copy / sub / "demo2")
+    argv = [
+        "--exp",
+        "demo,demo2",
+        "--work-dir",
+        str(trained_copy),
+        "--data-dir",
+        str(tiny_data),
+        "--mode",
+        "test",
+    ]
+    assert run(ensemble.main, argv) == 0
+    report = json.loads((trained_copy / "oof/demo+demo2/report.json").read_text())
+    assert set(report["models"]) == {
+        f"{e}/{b}" for e in ("demo", "demo2") for b in ("test_efficientnet", "test_convnext")
+    }
+    sub = read_submission(trained_copy / "submissions/demo+demo2/prediction.txt")
+    assert sub.name.tolist() == read_test(tiny_data).name.tolist()
