@@ -18,7 +18,6 @@ from pathlib import Path
 from foldkit.blend import METHODS
 from foldkit.cli import add_path_args, run, setup_logging
 from foldkit.config import TTA_NAMES
-from foldkit.io import FoldkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,15 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Fit the ensemble on OOF (and write the report); in test mode also write the submission."""
     from foldkit.ensemble import Options, fit, predict_test
+    from foldkit.predict import parse_tta
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    tta = None
-    if args.tta is not None:
-        tta = [t.strip() for t in args.tta.split(",") if t.strip()]
-        bad = [t for t in tta if t not in TTA_NAMES]
-        if bad:
-            raise FoldkitError(f"--tta {args.tta!r}: unknown {bad}; choose from {', '.join(TTA_NAMES)}")
+    tta = None if args.tta is None else parse_tta(args.tta)
     exps = [e.strip() for e in args.exp.split(",") if e.strip()]
     opts = Options(
         args.data_dir,

@@ -235,7 +235,7 @@ def resolve_checkpoint(name: str, work_dir: Path) -> Path:
 def test(args: argparse.Namespace) -> int:
     """The seed's test mode: one checkpoint predicts the test set; `name label` lines in file order."""
     from foldkit.data import read_test
-    from foldkit.predict import load_checkpoint, predict_checkpoint, tta_transforms
+    from foldkit.predict import load_checkpoint, parse_tta, predict_checkpoint
     from foldkit.submission import write_submission
     from foldkit.train import amp_dtype, resolve_device
 
@@ -252,8 +252,7 @@ def test(args: argparse.Namespace) -> int:
     cfg = from_dict(ckpt["config"], f"{args.model_name}: ")
     test_df = read_test(args.data_dir)
     device = resolve_device(args.device or "auto")
-    tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else cfg.tta
-    tta_transforms(tta)  # unknown names stop here, before any work
+    tta = parse_tta(args.tta) if args.tta else cfg.tta
     batch = int(args.batch) if args.batch else cfg.train.batch_size
     workers = int(args.workers) if args.workers is not None else min(cfg.data.workers, 4)
     probs = predict_checkpoint(

@@ -30,6 +30,13 @@ from foldkit.models import create_model, load_weights
 log = logging.getLogger(__name__)
 
 
+def parse_tta(text: str) -> list[str]:
+    """``hflip`` or ``hflip,vflip`` from the command line -> checked TTA names."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    tta_transforms(names)  # raises on unknown names, before any work
+    return names
+
+
 def tta_transforms(names: Sequence[str]) -> ttach.Compose | None:
     """ttach transforms for the config's TTA names; None when no TTA (``none`` or empty)."""
     unknown = [n for n in names if n not in TTA_NAMES]

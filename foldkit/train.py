@@ -27,7 +27,6 @@ import timm.optim
 import timm.scheduler
 import timm.utils
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -40,6 +39,7 @@ from foldkit.dataset import ImageDataset, make_loader
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 from foldkit.models import count_params, create_model, data_stats
 from foldkit.predict import autocast, file_sha256, load_checkpoint, predict_checkpoint, predict_probs
+from foldkit.report import metrics
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def epoch_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """Validation loss, AUC, F1 at 0.5 and the best F1 with its threshold."""
-    eps = 1e-7
-    pc = np.clip(p, eps, 1 - eps)
-    loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
-    pred = p >= 0.5
-    tp = float(np.sum(pred & (y == 1)))
-    f1_05 = 2 * tp / max(1.0, float(pred.sum() + (y == 1).sum()))
-    thr, best_f1 = best_threshold(y.astype(int), p)
-    return {"val_loss": loss, "auc": auc, "f1_05": f1_05, "best_f1": float(best_f1), "threshold": float(thr)}
+    """Validation loss, AUC (NaN on a one-class holdout), F1 at 0.5 and the best F1 with its
+    threshold: the report's own metrics, so the training log and the OOF report agree."""
+    m = metrics(y, p)
+    auc = float("nan") if m["auc"] is None else m["auc"]
+    return {
+        "val_loss": m["logloss"],
+        "auc": auc,
+        "f1_05": m["f1_05"],
+        "best_f1": m["best_f1"],
+        "threshold": m["best_threshold"],
+    }
 
 
 def _score(metrics: dict[str, float], metric: str) -> float:
