@@ -98,24 +98,26 @@ def _read_key(path: Path) -> dict | None:
 
 
 def cached_probs(
-    opts: Options, m: ModelOOF, fold: int, df: pd.DataFrame, tta: list[str], cache: Path
+    opts: Options, m: ModelOOF, fold: int, df: pd.DataFrame, images_key: str, tta: list[str], cache: Path
 ) -> np.ndarray:
     """Probabilities of ``df``'s images from ``m``'s fold checkpoint, cached in ``cache`` (csv + json)
-    and reused while the checkpoint, the TTA, the precision and the images are unchanged.
+    and reused while the checkpoint, the TTA, the precision and the images (``images_key``, from
+    ``_images_key``, computed once per image list by the caller) are unchanged.
 
-    Predicts exactly as ``main.py`` made the OOF: same function, same AMP dtype for the device.
+    Predicts exactly as ``main.py`` made the OOF: same function, same AMP dtype for the device. The
+    dtype comes from the OOF sidecar's config (the checkpoint's own, verified by ``load_oof``), so a
+    cache hit never loads the checkpoint.
     """
     ckpt_path = m.checkpoint(opts.work_dir, fold)
     if not ckpt_path.is_file():
         raise FoldkitError(f"{m.key} fold {fold}: checkpoint {ckpt_path} is missing")
     device = resolve_device(opts.device)
-    ckpt = load_checkpoint(ckpt_path)
-    dtype = amp_dtype(from_dict(ckpt["config"]), device)
+    dtype = amp_dtype(from_dict(m.metas[fold]["config"]), device)
     key = {
         "checkpoint_sha256": file_sha256(ckpt_path),
         "tta": list(tta),
         "precision": f"{device.type}:{dtype}",
-        "images_sha256": _images_key(opts.data_dir, df),
+        "images_sha256": images_key,
         "n": len(df),
     }
     if cache.is_file() and _read_key(cache.with_suffix(".json")) == key:
@@ -124,7 +126,7 @@ def cached_probs(
             log.info("%s fold %d: reusing %s", m.key, fold, cache)
             return cached.prob.to_numpy(dtype=np.float64)
     probs = predict_checkpoint(
-        ckpt,
+        load_checkpoint(ckpt_path),
         opts.data_dir,
         df.path.tolist(),
         tta,
@@ -142,12 +144,13 @@ def cached_probs(
 
 def _repredict_oof(opts: Options, oof: OOFSet, tta: list[str]) -> None:
     """Replace ``oof.P`` by predictions made with ``tta`` (cached beside the OOF files)."""
-    for j, m in enumerate(oof.models):
-        for fold in range(oof.k):
-            rows = np.flatnonzero(oof.folds == fold)
-            df = oof.folds_df.iloc[rows]
+    for fold in range(oof.k):
+        rows = np.flatnonzero(oof.folds == fold)
+        df = oof.folds_df.iloc[rows]
+        images_key = _images_key(opts.data_dir, df)
+        for j, m in enumerate(oof.models):
             cache = m.oof_dir / f"fold{fold}.tta-{_tag(tta)}.csv"
-            oof.P[rows, j] = cached_probs(opts, m, fold, df, tta, cache)
+            oof.P[rows, j] = cached_probs(opts, m, fold, df, images_key, tta, cache)
 
 
 def fit(opts: Options) -> Fitted:
@@ -188,13 +191,17 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     """Fold-mean test probabilities per model -> the OOF-fitted blend -> the tuned threshold ->
     ``submissions/<exp>/prediction.txt`` and ``probs.csv``."""
     test_df = read_test(opts.data_dir)
+    images_key = _images_key(opts.data_dir, test_df)
+    # every model's OOF shares one TTA (checked in fit); other TTA predictions get their own cache
+    suffix = "" if fitted.tta == _oof_tta(fitted.oof.models) else f".tta-{_tag(fitted.tta)}"
     columns = []
     for m in fitted.oof.models:
-        per_fold = []
-        for fold in range(fitted.oof.k):
-            suffix = "" if fitted.tta == _oof_tta([m]) else f".tta-{_tag(fitted.tta)}"
-            cache = m.oof_dir / f"test_fold{fold}{suffix}.csv"
-            per_fold.append(cached_probs(opts, m, fold, test_df, fitted.tta, cache))
+        per_fold = [
+            cached_probs(
+                opts, m, fold, test_df, images_key, fitted.tta, m.oof_dir / f"test_fold{fold}{suffix}.csv"
+            )
+            for fold in range(fitted.oof.k)
+        ]
         columns.append(np.mean(per_fold, axis=0))
     T = np.column_stack(columns)
     probs = fitted.blend.apply(T)
