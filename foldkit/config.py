@@ -37,7 +37,15 @@ class DataConfig:
     group_regex: str | None = r"S\d+"  # identity key in the file name; null: every image its own group
     near_dup: bool = False  # also join near-duplicate images (perceptual hash) into one group
     hamming: int = 6  # max Hamming distance of two 64-bit phashes to count as near duplicates
-    workers: int = 4  # DataLoader worker processes (0: load in the main process)
+    allow_unmatched: bool = False  # accept a group_regex that matches under 90% of the names
+    workers: int | None = None  # DataLoader worker processes; null: one per CPU core; 0: main process
+    prefetch_factor: int = 4  # batches each worker prepares ahead (workers > 0 only)
+    cache: bool = True  # decode every image once into a uint8 memmap store (foldkit.store) and train
+    # from it; false: decode the image files in every epoch (the slow path, kept for comparison)
+    store_size: int = 112  # side the store keeps images at (their native size: 112 for the seed data);
+    # workers augment at this size, the device resizes to img_size
+    on_bad_image: str = "error"  # error: stop naming every unreadable image; skip: leave them out of
+    # training (reported) and give test images the fallback label
 
 
 @dataclass
@@ -116,6 +124,7 @@ SHORTCUTS = {
 _CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.metric": ("f1", "auc", "loss"),
+    "data.on_bad_image": ("error", "skip"),
 }
 TTA_NAMES = ("none", "hflip", "vflip", "d4", "rot90")
 
@@ -137,7 +146,9 @@ def validate(cfg: RunConfig) -> None:
     checks = {
         "data.k": cfg.data.k >= 2,
         "data.img_size": cfg.data.img_size >= 16,
-        "data.workers": cfg.data.workers >= 0,
+        "data.workers": cfg.data.workers is None or cfg.data.workers >= 0,
+        "data.prefetch_factor": cfg.data.prefetch_factor >= 1,
+        "data.store_size": 16 <= cfg.data.store_size <= 4096,
         "data.hamming": 0 <= cfg.data.hamming < 64,
         "seed": cfg.seed >= 0,
         "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
