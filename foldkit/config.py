@@ -29,21 +29,31 @@ class ConfigError(FoldkitError):
     """A bad config key or value; names the key and, for typos, the closest valid key."""
 
 
+#: Largest ``data.hamming`` the config and the fold builder accept (one rule for both). pHashes of
+#: unrelated images differ in ~32 of 64 bits, so a wider radius no longer means "similar"; the pair
+#: search splits the hash into ``hamming + 1`` chunks, which also stops working well near 32.
+MAX_HAMMING = 31
+
+
 @dataclass
 class DataConfig:
     img_size: int = 112  # side of the square network input; images are resized to it
     k: int = 5  # number of folds
     fold_seed: int = 42  # seed of the fold split (kept apart from the training seed on purpose)
     group_regex: str | None = r"S\d+"  # identity key in the file name; null: every image its own group
-    near_dup: bool = False  # also join near-duplicate images (perceptual hash) into one group
-    hamming: int = 6  # max Hamming distance of two 64-bit phashes to count as near duplicates
-    allow_unmatched: bool = False  # accept a group_regex that matches under 90% of the names
+    allow_unmatched: bool = False  # accept a group_regex that matches under 90% of the names (the
+    # names it misses become groups of their own); off, that is an error: such names carry no subject
+    near_dup: bool = False  # also group duplicates: identical pixels always; pHash near-duplicates only
+    # after a pixel check, never across two regex groups (docs/DESIGN-notes.md, near-duplicate policy)
+    hamming: int = 6  # pHash candidates: at most this many of 64 bits differ (0..MAX_HAMMING)
+    near_dup_min_corr: float = 0.99  # pixel check: min correlation of the 16x16 grey thumbnails
+    near_dup_max_group: int = 16  # a near-dup link never makes a group without a regex key larger
     workers: int | None = None  # DataLoader worker processes; null: one per CPU core; 0: main process
     prefetch_factor: int = 4  # batches each worker prepares ahead (workers > 0 only)
     cache: bool = True  # decode every image once into a uint8 memmap store (foldkit.store) and train
     # from it; false: decode the image files in every epoch (the slow path, kept for comparison)
-    store_size: int = 112  # side the store keeps images at (their native size: 112 for the seed data);
-    # workers augment at this size, the device resizes to img_size
+    store_size: int | None = None  # side the store keeps images at; null: their native size (112 for
+    # the seed data). Workers augment at this size, the device resizes to img_size
     on_bad_image: str = "error"  # error: stop naming every unreadable image; skip: leave them out of
     # training (reported) and give test images the fallback label
 
@@ -148,8 +158,10 @@ def validate(cfg: RunConfig) -> None:
         "data.img_size": cfg.data.img_size >= 16,
         "data.workers": cfg.data.workers is None or cfg.data.workers >= 0,
         "data.prefetch_factor": cfg.data.prefetch_factor >= 1,
-        "data.store_size": 16 <= cfg.data.store_size <= 4096,
-        "data.hamming": 0 <= cfg.data.hamming < 64,
+        "data.store_size": cfg.data.store_size is None or 16 <= cfg.data.store_size <= 4096,
+        "data.hamming": 0 <= cfg.data.hamming <= MAX_HAMMING,
+        "data.near_dup_min_corr": 0 < cfg.data.near_dup_min_corr <= 1,
+        "data.near_dup_max_group": cfg.data.near_dup_max_group >= 1,
         "seed": cfg.seed >= 0,
         "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
         "train.epochs": tc.epochs >= 1,

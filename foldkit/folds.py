@@ -2,10 +2,14 @@
 
 CLI::
 
-    python -m foldkit.folds --data-dir D --work-dir W --k 5 --seed 42 --group-regex 'S\\d+' \\
-        [--near-dup] [--hamming 6] [--workers N] [--force]
+    python -m foldkit.folds [--config configs/default.yaml] [--data-dir D] [--work-dir W] [--k 5]
+        [--seed 42] [--group-regex 'S\\d+'] [--allow-unmatched] [--near-dup | --no-near-dup]
+        [--hamming 6] [--near-dup-min-corr 0.99] [--near-dup-max-group 16] [--set data.KEY=VALUE]
+        [--workers N] [--force]
 
-``--data-dir`` defaults to ``data``, ``--work-dir`` to the project root. Writes
+The config's ``data:`` section supplies every fold setting (the same keys ``main.py`` reads, so
+``main.py`` reuses these folds instead of rebuilding them); ``--set`` and then explicit flags override
+it. ``--data-dir`` defaults to ``data``, ``--work-dir`` to the project root. Writes
 ``<work-dir>/folds/folds.csv`` (columns ``name,path,label,source,group,fold``) and
 ``<work-dir>/folds/folds.json`` (settings, ``data_hash`` of the index, ``hash`` of folds.csv, which every
 later artifact records). The same settings on the same data give byte-identical files. On bad input the
@@ -14,10 +18,15 @@ problems go to stderr, the exit status is 2 and nothing is written.
 Groups keep related images in one fold, so a model is never validated on a face it trained on:
 
 * no grouping: every image is its own group;
-* ``--group-regex``: the first match of the regex in the file name (e.g. a subject id ``S\\d+``);
-* ``--near-dup``: images whose 64-bit perceptual hashes differ in at most ``--hamming`` bits.
+* ``group_regex``: the first match of the regex in the file name (a subject id ``S\\d+``); it must
+  match at least 90% of the names unless ``allow_unmatched`` (then the rest are groups of their own);
+* ``near_dup`` (the near-duplicate policy of docs/DESIGN-notes.md): images with identical decoded pixels
+  always join; images whose 64-bit pHashes differ in at most ``hamming`` bits are only candidates, joined
+  when their 16x16 grey thumbnails correlate at least ``near_dup_min_corr``, never when that would join
+  two regex groups (such links are counted and logged instead), and never into a group of more than
+  ``near_dup_max_group`` images without a regex key.
 
-Groups combine as connected components of a graph whose edges are "same regex key" and "near-duplicate".
+A group larger than n/(2k) images, or fewer groups than folds, is an error that names its cause.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,15 +52,27 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from tqdm import tqdm
 
+from foldkit import PROJECT_ROOT
 from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.config import MAX_HAMMING, DataConfig, load_config, parse_override
 from foldkit.data import INDEX_COLUMNS, DataError, read_trainval, survey_images
 from foldkit.io import FoldkitError, atomic_write_text
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("foldkit.folds")  # not __name__: under -m that is "__main__"
 
 FOLD_COLUMNS = [*INDEX_COLUMNS, "group", "fold"]
 #: Settings recorded in folds.json; a change in any of them means the folds must be rebuilt.
-SETTING_KEYS = ("k", "seed", "group_regex", "near_dup", "hamming")
+SETTING_KEYS = ("k", "seed", "group_regex", "near_dup", "hamming", "near_dup_min_corr", "near_dup_max_group")
+#: Settings that only matter with ``near_dup`` on (a change in them alone does not rebuild without it).
+NEAR_DUP_KEYS = ("hamming", "near_dup_min_corr", "near_dup_max_group")
+#: A group regex must match at least this share of the names (unless allow_unmatched): names it misses
+#: carry no subject id, so their groups would not keep a subject in one fold.
+MIN_REGEX_COVERAGE = 0.9
+#: Side of the grey thumbnail of the pixel check: 256 bytes an image (82 MB at 320,000 images). On the
+#: synthetic faces, JPEG q60 + noise copies correlate >= 0.993 at 16 px, distinct aligned faces <= 0.982.
+THUMB_SIDE = 16
+DEFAULT_CONFIG = "configs/default.yaml"
+_DATA_DEFAULTS = DataConfig()
 
 # sklearn's StratifiedGroupKFold assigns groups one at a time in Python (~0.15 ms per group, so 320,000
 # groups take most of a minute). Above this many groups, small single-label groups are packed into
@@ -57,6 +80,21 @@ SETTING_KEYS = ("k", "seed", "group_regex", "near_dup", "hamming")
 _MAX_SGKF_GROUPS = 10_000
 # Near-duplicate search warns when one hash-chunk bucket is this large: its cost grows with its square.
 _GIANT_BUCKET = 20_000
+_N_EXAMPLES = 3  # example name pairs shown in logs and errors
+
+_REGEX_OPTIONS = (
+    "a finer group regex (--group-regex / --set data.group_regex=...), fewer folds (--k / --set data.k=N), "
+    "or no regex groups (--set data.group_regex=null)"
+)
+_EXACT_OPTIONS = (
+    "remove or rename the duplicated files, or no duplicate grouping (--no-near-dup / "
+    "--set data.near_dup=false)"
+)
+_FUZZY_OPTIONS = (
+    "a stricter pixel check (--near-dup-min-corr / --set data.near_dup_min_corr=...), a smaller cap "
+    "(--near-dup-max-group / --set data.near_dup_max_group=...), fewer pHash bits (--hamming), "
+    "or no duplicate grouping (--no-near-dup / --set data.near_dup=false)"
+)
 
 
 def folds_dir(work_dir: Path) -> Path:
@@ -64,25 +102,61 @@ def folds_dir(work_dir: Path) -> Path:
     return Path(work_dir) / "folds"
 
 
+def fold_settings(data: DataConfig) -> dict:
+    """``ensure_folds`` keyword arguments from a config's ``data`` section (main.py and the CLI share it)."""
+    return {
+        "k": data.k,
+        "seed": data.fold_seed,
+        "group_regex": data.group_regex or None,
+        "near_dup": data.near_dup,
+        "hamming": data.hamming,
+        "near_dup_min_corr": data.near_dup_min_corr,
+        "near_dup_max_group": data.near_dup_max_group,
+        "allow_unmatched": data.allow_unmatched,
+    }
+
+
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """``"key old -> new"`` for every recorded setting that differs (near-dup keys only with near_dup)."""
+    keys = [key for key in SETTING_KEYS if key not in NEAR_DUP_KEYS or new["near_dup"]]
+    return [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in keys if old.get(key) != new[key]]
+
+
 # --------------------------------------------------------------------------------------------------
-# Groups
+# Regex groups
 # --------------------------------------------------------------------------------------------------
 
 
-def _regex_keys(names: pd.Series, group_regex: str) -> np.ndarray:
-    """First regex match in each name (object array, ``None`` where there is no or an empty match)."""
+def _regex_keys(names: pd.Series, group_regex: str, allow_unmatched: bool = False) -> np.ndarray:
+    """First regex match in each name (object array, ``None`` where there is no or an empty match).
+
+    A regex that misses most names is a mistake, not a grouping (md5 names carry no subject): below
+    ``MIN_REGEX_COVERAGE`` it is an error unless ``allow_unmatched``.
+    """
     try:
         pattern = re.compile(group_regex)
     except re.error as exc:
-        raise FoldkitError(f"--group-regex {group_regex!r} is not a valid regular expression: {exc}") from exc
+        raise FoldkitError(f"group_regex '{group_regex}' is not a valid regular expression: {exc}") from exc
     keys = np.array([m.group(0) if (m := pattern.search(n)) else None for n in names.tolist()], dtype=object)
     keys[keys == ""] = None  # an empty match (e.g. 'S\d*') would lump unrelated names into one group
     unmatched = np.flatnonzero(pd.isna(keys))
-    if len(unmatched):
-        logger.warning(
-            "%d of %d names do not match --group-regex %r; each of them is its own group (e.g. %s)",
-            len(unmatched), len(keys), group_regex, names.iloc[unmatched[0]],
-        )  # fmt: skip
+    if not len(unmatched):
+        return keys
+    n, example = len(keys), names.iloc[unmatched[0]]
+    share = 1 - len(unmatched) / n
+    if share < MIN_REGEX_COVERAGE and not allow_unmatched:
+        raise FoldkitError(
+            f"group_regex '{group_regex}' matches only {n - len(unmatched)} of {n} names ({share:.1%}, "
+            f"under {MIN_REGEX_COVERAGE:.0%}; e.g. not {example!r}): names it misses carry no subject id, "
+            "so grouping by it would not keep a subject in one fold. Options: no regex groups "
+            "(--set data.group_regex=null), a regex that fits these names (--group-regex / "
+            "--set data.group_regex=...), or keep the unmatched names as groups of their own "
+            "(--allow-unmatched / --set data.allow_unmatched=true)"
+        )
+    logger.warning(
+        "%d of %d names do not match group_regex '%s'; each of them is its own group (e.g. %s)",
+        len(unmatched), n, group_regex, example,
+    )  # fmt: skip
     return keys
 
 
@@ -94,37 +168,70 @@ def _star_edges(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, anchor[codes[rows]]
 
 
-def _phash_one(path: str) -> tuple[int | None, str | None]:
-    """64-bit perceptual hash of one image, or the error; module-level so worker processes can run it."""
+def _components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Connected component per row of the undirected graph with ``edges`` (numbered by first row)."""
+    a = np.concatenate([np.empty(0, np.int64), *(e[0] for e in edges)])
+    b = np.concatenate([np.empty(0, np.int64), *(e[1] for e in edges)])
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Image fingerprints and the pHash pair search
+# --------------------------------------------------------------------------------------------------
+
+
+class Fingerprints(NamedTuple):
+    """What the near-duplicate policy needs of each image, computed in one parallel pass over the files."""
+
+    phash: np.ndarray  # uint64 64-bit perceptual hash: finds candidate pairs fast, but is fuzzy
+    pixels: np.ndarray  # uint64 hash of the decoded RGB array: equal means a certain duplicate
+    thumbs: np.ndarray  # (n, THUMB_SIDE**2) uint8 grey thumbnails: the pixel check of candidates
+
+
+def _fingerprint_one(path: str) -> tuple[tuple[int, int, bytes] | None, str | None]:
+    """Fingerprint of one image, or the error; module-level so worker processes can run it."""
     import imagehash
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return int(str(imagehash.phash(im, hash_size=8)), 16), None
+            rgb = im.convert("RGB")
+        arr = np.asarray(rgb)
+        pixels = hashlib.blake2b(repr(arr.shape).encode() + arr.tobytes(), digest_size=8).digest()
+        grey = rgb.convert("L")
+        phash = int(str(imagehash.phash(grey, hash_size=8)), 16)
+        thumb = grey.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
+        return (phash, int.from_bytes(pixels, "little"), thumb), None
     except (OSError, ValueError) as exc:
         return None, f"{path}: cannot read image for hashing ({exc})"
 
 
-def phash_images(paths: Sequence[str], workers: int | None = None) -> np.ndarray:
-    """Perceptual hashes (uint64) of ``paths``, in parallel processes with a progress bar."""
+def fingerprint_images(paths: Sequence[str], workers: int | None = None) -> Fingerprints:
+    """pHash, pixel hash and thumbnail of every path, in parallel processes with a progress bar."""
     workers = max(1, workers or os.cpu_count() or 1)
-    bar = tqdm(total=len(paths), desc="phash", unit="img", disable=len(paths) < 1000)
-    results: list[tuple[int | None, str | None]] = []
+    bar = tqdm(total=len(paths), desc="fingerprint", unit="img", disable=len(paths) < 1000)
+    results: list[tuple[tuple[int, int, bytes] | None, str | None]] = []
     if workers == 1 or len(paths) < 256:
         for path in paths:
-            results.append(_phash_one(path))
+            results.append(_fingerprint_one(path))
             bar.update()
     else:
         with multiprocessing.Pool(workers) as pool:
-            for res in pool.imap(_phash_one, paths, chunksize=64):
+            for res in pool.imap(_fingerprint_one, paths, chunksize=64):
                 results.append(res)
                 bar.update()
     bar.close()
     errors = [err for _, err in results if err is not None]
     if errors:
         raise DataError(errors)
-    return np.array([h for h, _ in results], dtype=np.uint64)
+    fps = [fp for fp, _ in results if fp is not None]
+    thumbs = np.frombuffer(b"".join(t for _, _, t in fps), dtype=np.uint8).reshape(len(fps), THUMB_SIDE**2)
+    return Fingerprints(
+        np.array([p for p, _, _ in fps], dtype=np.uint64),
+        np.array([x for _, x, _ in fps], dtype=np.uint64),
+        thumbs,
+    )
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -143,19 +250,21 @@ def _chunks(n_chunks: int) -> list[tuple[int, int]]:
 
 
 def near_dup_pairs(hashes: np.ndarray, hamming: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``(a, b)`` of ``hashes`` within ``hamming`` bits of each other (a pair may repeat).
+    """Distinct index pairs ``(a, b)``, ``a < b``, of ``hashes`` within ``hamming`` bits, each pair once.
 
     All-pairs comparison is O(n^2) (5e10 pairs for 320,000 images). Multi-index hashing instead: cut
     the 64 bits into hamming+1 chunks; two hashes within distance d differ in at most d chunks, so by
     pigeonhole they agree exactly on at least one. Only hashes sharing a chunk value (a bucket) are
     compared. Within a sorted bucket, row i is compared with row i+t for t = 1, 2, ... in vectorised
-    passes, so the cost is the number of in-bucket pairs, not a Python loop per pair.
+    passes, so the cost is the number of in-bucket pairs, not a Python loop per pair. A pair that agrees
+    on several chunks is kept only in the first of them, so counts are counts of distinct pairs.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     n = len(hashes)
+    chunks = _chunks(hamming + 1)
     found_a: list[np.ndarray] = [np.empty(0, np.int64)]
     found_b: list[np.ndarray] = [np.empty(0, np.int64)]
-    for shift, width in _chunks(hamming + 1) if n > 1 else []:
+    for c, (shift, width) in enumerate(chunks if n > 1 else []):
         key = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
         order = np.argsort(key, kind="stable")
         bounds = np.flatnonzero(np.diff(key[order])) + 1
@@ -172,27 +281,191 @@ def near_dup_pairs(hashes: np.ndarray, hamming: int) -> tuple[np.ndarray, np.nda
         sorted_hashes = hashes[order]
         for t in range(1, int(-neg_rem[0]) + 1):
             pos = by_rem[: np.searchsorted(neg_rem, -t, side="right")]  # rows with >= t later rows
-            close = _popcount(sorted_hashes[pos] ^ sorted_hashes[pos + t]) <= hamming
-            found_a.append(order[pos[close]])
-            found_b.append(order[pos[close] + t])
-    return np.concatenate(found_a), np.concatenate(found_b)
+            xor = sorted_hashes[pos] ^ sorted_hashes[pos + t]
+            close = _popcount(xor) <= hamming
+            pos, xor = pos[close], xor[close]
+            first = np.ones(len(pos), dtype=bool)
+            for s, w in chunks[:c]:  # found already by an earlier chunk it also agrees on
+                first &= ((xor >> np.uint64(s)) & np.uint64((1 << w) - 1)) != 0
+            found_a.append(order[pos[first]])
+            found_b.append(order[pos[first] + t])
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    return np.minimum(a, b), np.maximum(a, b)
 
 
-def _near_dup_edges(hashes: np.ndarray, hamming: int) -> tuple[np.ndarray, np.ndarray]:
-    """Graph edges between rows whose hashes are within ``hamming`` bits.
+def thumb_corr(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+    """Correlation (NCC) of the thumbnails of each pair ``(a[i], b[i])``; 0 where one is flat.
 
-    Identical hashes are joined first (a star per value), so the pair search runs on unique values
-    only; a face saved many times then cannot blow up a bucket.
+    Computed per candidate pair in vectorised chunks, from thumbnails made once per image.
     """
-    codes, uniques = pd.factorize(hashes)
-    rows, anchors = _star_edges(codes)
-    ua, ub = near_dup_pairs(np.asarray(uniques, dtype=np.uint64), hamming)
-    first = np.unique(codes, return_index=True)[1]  # first row holding each unique hash
+    out = np.zeros(len(a), dtype=np.float32)
+    for s in range(0, len(a), chunk):
+        x = thumbs[a[s : s + chunk]].astype(np.float32)
+        y = thumbs[b[s : s + chunk]].astype(np.float32)
+        x -= x.mean(axis=1, keepdims=True)
+        y -= y.mean(axis=1, keepdims=True)
+        den = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
+        num = np.einsum("ij,ij->i", x, y)
+        out[s : s + chunk] = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The near-duplicate policy
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinkReport:
+    """What the duplicate links did, kept to log it and to explain a group that is too large."""
+
+    pixel_codes: np.ndarray  # identical-pixel set of each row (equal code: identical decoded pixels)
+    exact_bridges: list[tuple[int, int]] = field(default_factory=list)  # joined two regex keys anyway
+    candidates: int = 0  # distinct pHash pairs within `hamming` bits
+    checked: int = 0  # candidates still in two groups after the certain links: pixel-checked
+    passed: int = 0  # candidates whose thumbnails correlate at least near_dup_min_corr
+    joined: list[tuple[int, int, float]] = field(default_factory=list)  # fuzzy links that merged groups
+    bridges: list[tuple[int, int, float]] = field(default_factory=list)  # refused: two regex groups
+    capped: list[tuple[int, int, float]] = field(default_factory=list)  # refused: over the size cap
+
+    @property
+    def exact_copies(self) -> int:
+        """Images whose pixels equal those of an earlier image."""
+        return len(self.pixel_codes) - len(np.unique(self.pixel_codes))
+
+
+def _exact_bridges(pixel_codes: np.ndarray, key_codes: np.ndarray) -> list[tuple[int, int]]:
+    """One ``(row, row)`` pair per extra regex key inside an identical-pixel set (a copy under two ids)."""
+    rows = np.flatnonzero(key_codes >= 0)
+    firsts = pd.DataFrame({"pix": pixel_codes[rows], "key": key_codes[rows], "row": rows})
+    firsts = firsts.drop_duplicates(["pix", "key"])
+    anchor = firsts.groupby("pix")["row"].transform("first")
+    extra = firsts["row"] != anchor
+    return list(zip(anchor[extra].tolist(), firsts["row"][extra].tolist(), strict=True))
+
+
+def _merge_fuzzy(
+    comp: np.ndarray,
+    keyed: np.ndarray,
+    links: tuple[np.ndarray, np.ndarray, np.ndarray],
+    max_group: int,
+    report: LinkReport,
+) -> np.ndarray:
+    """Union-find over the certain components, taking pixel-checked links strongest first.
+
+    A link is refused (and recorded) when both sides hold a regex key (it would merge two identities)
+    or when the images without a key it brings together would exceed ``max_group`` (no chaining).
+    """
+    a, b, corr = links
+    parent = list(range(int(comp.max(initial=-1)) + 1))
+    size = np.bincount(comp, minlength=len(parent)).tolist()
+    has_key = keyed.tolist()
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i in np.lexsort((b, a, -corr)).tolist():
+        ra, rb = find(int(comp[a[i]])), find(int(comp[b[i]]))
+        if ra == rb:
+            continue
+        link = (int(a[i]), int(b[i]), float(corr[i]))
+        if has_key[ra] and has_key[rb]:
+            report.bridges.append(link)
+            continue
+        loose = (0 if has_key[ra] else size[ra]) + (0 if has_key[rb] else size[rb])
+        if loose > max_group:
+            report.capped.append(link)
+            continue
+        if size[ra] < size[rb]:
+            ra, rb = rb, ra
+        parent[rb] = ra
+        size[ra] += size[rb]
+        has_key[ra] = has_key[ra] or has_key[rb]
+        report.joined.append(link)
+    roots = np.array([find(c) for c in range(len(parent))], dtype=np.int64)
+    return roots[comp]
+
+
+def link_groups(
+    key_codes: np.ndarray, fp: Fingerprints, hamming: int, min_corr: float, max_group: int
+) -> tuple[np.ndarray, LinkReport]:
+    """Component per row under the near-duplicate policy (docs/DESIGN-notes.md), and what it did.
+
+    ``key_codes``: regex key code per row (-1: none). Certain links first (same regex key, identical
+    pixels), as connected components; then pHash candidates between different components, pixel-checked
+    in one vectorised pass, and merged by ``_merge_fuzzy`` under its two refusals.
+    """
+    n = len(key_codes)
+    pixel_codes = pd.factorize(fp.pixels)[0]
+    report = LinkReport(pixel_codes, _exact_bridges(pixel_codes, key_codes))
+    comp = _components(n, [_star_edges(key_codes), _star_edges(pixel_codes)])
+    reps = np.unique(pixel_codes, return_index=True)[1]  # one row per identical-pixel set
+    ua, ub = near_dup_pairs(fp.phash[reps], hamming)
+    a, b = reps[ua], reps[ub]
+    report.candidates = len(a)
+    apart = comp[a] != comp[b]
+    a, b = a[apart], b[apart]
+    report.checked = len(a)
+    corr = thumb_corr(fp.thumbs, a, b)
+    ok = corr >= np.float32(min_corr)
+    report.passed = int(ok.sum())
+    keyed = np.zeros(int(comp.max(initial=-1)) + 1, dtype=bool)
+    keyed[comp[key_codes >= 0]] = True
+    comp = _merge_fuzzy(comp, keyed, (a[ok], b[ok], corr[ok]), max_group, report)
+    return pd.factorize(comp)[0], report
+
+
+def _pair_text(names: np.ndarray, keys: np.ndarray | None, pairs: Sequence[tuple], sep: str = "~") -> str:
+    """A few ``a ~ b (S1 / S2, r=0.9950)`` examples of links, and how many more there are."""
+    shown = []
+    for pair in pairs[:_N_EXAMPLES]:
+        a, b = pair[0], pair[1]
+        extra = [f"{keys[a] or '-'} / {keys[b] or '-'}"] if keys is not None else []
+        extra += [f"r={pair[2]:.4f}"] if len(pair) > 2 else []
+        shown.append(f"{names[a]} {sep} {names[b]}" + (f" ({', '.join(extra)})" if extra else ""))
+    more = f" and {len(pairs) - _N_EXAMPLES} more" if len(pairs) > _N_EXAMPLES else ""
+    return "; ".join(shown) + more
+
+
+def _log_links(
+    report: LinkReport, names: np.ndarray, keys: np.ndarray | None, hamming: int, min_corr: float, cap: int
+) -> None:
+    """Log what the duplicate links did (distinct pairs), with example name pairs for every refused kind."""
+    bridged = ""
+    if report.exact_bridges:
+        bridged = f"; {len(report.exact_bridges)} such copies join two regex groups: " + _pair_text(
+            names, keys, report.exact_bridges, "="
+        )
+    logger.info("near-dup: %d images are pixel-identical copies of another%s", report.exact_copies, bridged)
     logger.info(
-        "near-dup: %d exact duplicate images, %d near pairs within %d bits",
-        len(codes) - len(uniques), len(ua), hamming,
+        "near-dup: %d distinct pHash pairs within %d bits; %d of them in two groups were pixel-checked, "
+        "%d pass (thumbnail r >= %.3g), %d joined groups",
+        report.candidates, hamming, report.checked, report.passed, min_corr, len(report.joined),
     )  # fmt: skip
-    return np.concatenate([rows, first[ua]]), np.concatenate([anchors, first[ub]])
+    if report.bridges:
+        logger.warning(
+            "near-dup: %d pixel-checked links would bridge two regex groups and were NOT merged "
+            "(the regex says they are different subjects): %s",
+            len(report.bridges), _pair_text(names, keys, report.bridges),
+        )  # fmt: skip
+    if report.capped:
+        logger.warning(
+            "near-dup: %d links refused: they would make a group of over %d images without a regex key "
+            "(near_dup_max_group): %s",
+            len(report.capped), cap, _pair_text(names, keys, report.capped),
+        )  # fmt: skip
+
+
+class Groups(NamedTuple):
+    """The grouping of the rows of an index, and how it came about."""
+
+    components: np.ndarray  # component number per row (0..G-1)
+    ids: np.ndarray  # readable group id per row
+    keys: np.ndarray | None  # regex key per row (None: unmatched), None without a regex
+    links: LinkReport | None  # what the duplicate links did, None without near_dup
 
 
 def _group_ids(components: np.ndarray, keys: np.ndarray | None) -> np.ndarray:
@@ -219,30 +492,79 @@ def build_groups(
     data_dir: Path,
     group_regex: str | None = None,
     near_dup: bool = False,
-    hamming: int = 6,
+    hamming: int = _DATA_DEFAULTS.hamming,
+    near_dup_min_corr: float = _DATA_DEFAULTS.near_dup_min_corr,
+    near_dup_max_group: int = _DATA_DEFAULTS.near_dup_max_group,
+    *,
+    allow_unmatched: bool = False,
     workers: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(component number, group id)`` per row: connected components of regex and near-dup edges."""
+) -> Groups:
+    """Groups of the rows: regex keys, then (with ``near_dup``) duplicate links under the policy."""
     n = len(index)
-    if not group_regex and not near_dup:
-        return np.arange(n), np.array([f"g{i}" for i in range(n)], dtype=object)
-    edges_a: list[np.ndarray] = []
-    edges_b: list[np.ndarray] = []
-    keys = None
-    if group_regex:
-        keys = _regex_keys(index["name"], group_regex)
-        a, b = _star_edges(pd.factorize(keys)[0])  # unmatched names (None) get code -1: no edge
-        edges_a.append(a)
-        edges_b.append(b)
-    if near_dup:
-        hashes = phash_images([str(Path(data_dir) / p) for p in index["path"]], workers)
-        a, b = _near_dup_edges(hashes, hamming)
-        edges_a.append(a)
-        edges_b.append(b)
-    a, b = np.concatenate(edges_a), np.concatenate(edges_b)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-    _, components = connected_components(graph, directed=False)
-    return components, _group_ids(components, keys)
+    keys = _regex_keys(index["name"], group_regex, allow_unmatched) if group_regex else None
+    key_codes = pd.factorize(keys)[0] if keys is not None else np.full(n, -1, dtype=np.int64)
+    if not near_dup:
+        components = _components(n, [_star_edges(key_codes)])
+        return Groups(components, _group_ids(components, keys), keys, None)
+    fp = fingerprint_images([str(Path(data_dir) / p) for p in index["path"]], workers)
+    components, report = link_groups(key_codes, fp, hamming, near_dup_min_corr, near_dup_max_group)
+    _log_links(report, index["name"].to_numpy(), keys, hamming, near_dup_min_corr, near_dup_max_group)
+    return Groups(components, _group_ids(components, keys), keys, report)
+
+
+def _explain_group(c: int, groups: Groups, names: np.ndarray, limit: float) -> tuple[str, str]:
+    """``(cause, options)`` of component ``c``: which rule made it this large, and what would change it."""
+    rows = np.flatnonzero(groups.components == c)
+    keys = pd.Series(groups.keys[rows] if groups.keys is not None else [None] * len(rows), dtype=object)
+    counts = keys.dropna().value_counts()
+    report = groups.links
+    if len(counts) == 1 and (counts.iloc[0] > limit or counts.iloc[0] == len(rows)):
+        return f"regex key {counts.index[0]!r} holds {counts.iloc[0]} images", _REGEX_OPTIONS
+    if len(counts) > 1:  # only identical-pixel copies may join two regex keys
+        inside = [p for p in (report.exact_bridges if report else []) if groups.components[p[0]] == c]
+        return (
+            f"identical-pixel copies join {len(counts)} regex keys ({', '.join(counts.index[:5])}"
+            f"{', ...' if len(counts) > 5 else ''}) into it, e.g. "
+            + _pair_text(names, groups.keys, inside, "="),
+            _EXACT_OPTIONS,
+        )
+    fuzzy = [p for p in (report.joined if report else []) if groups.components[p[0]] == c]
+    codes = report.pixel_codes[rows] if report else np.arange(len(rows))
+    dup = pd.Series(rows).groupby(codes).agg(list)
+    exact = [(r[0], r[1]) for r in dup if len(r) > 1]
+    start = f"regex key {counts.index[0]!r} ({counts.iloc[0]} images) and " if len(counts) else ""
+    cause = (
+        f"{start}{len(rows) - int(counts.sum())} images without a regex key joined by near-duplicate "
+        f"links ({len(exact)} identical-pixel sets, {len(fuzzy)} pixel-checked links), e.g. "
+        + _pair_text(names, groups.keys, exact + fuzzy)
+    )
+    return cause, _FUZZY_OPTIONS if fuzzy else _EXACT_OPTIONS
+
+
+def check_groups(groups: Groups, names: np.ndarray, k: int) -> None:
+    """Raise ``FoldkitError`` when the groups cannot give ``k`` balanced folds, naming the cause.
+
+    A group over n/(2k) images fills over half a fold on its own, so fold sizes and fake ratios drift;
+    such a group is nearly always a grouping mistake (a chain of false links, a too-coarse key).
+    """
+    n = len(groups.components)
+    if n < k:
+        raise FoldkitError(f"cannot make {k} folds from {n} images; use fewer folds (--k / --set data.k=N)")
+    sizes = np.bincount(groups.components)
+    big, limit = int(np.argmax(sizes)), max(n / (2 * k), 1.0)
+    if len(sizes) < k:
+        cause, options = _explain_group(big, groups, names, limit)
+        fewer = "" if "fewer folds" in options else "fewer folds (--k / --set data.k=N), "
+        raise FoldkitError(
+            f"cannot make {k} folds from {n} images in {len(sizes)} groups (fewer groups than folds); "
+            f"the largest group holds {sizes[big]} images: {cause}. Options: {fewer}{options}"
+        )
+    if sizes[big] > limit:
+        cause, options = _explain_group(big, groups, names, limit)
+        raise FoldkitError(
+            f"the largest group holds {sizes[big]} of {n} images ({sizes[big] / n:.0%}), over n/(2k) = "
+            f"{limit:.0f} for k={k}, so the folds could not be balanced: {cause}. Options: {options}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,20 +619,43 @@ def _assign_folds(labels: np.ndarray, components: np.ndarray, k: int, seed: int)
     return folds
 
 
-def _check_settings(index: pd.DataFrame, k: int, hamming: int) -> None:
-    """Reject settings and indexes that cannot give valid folds, before any slow work."""
+def _check_settings(
+    index: pd.DataFrame, k: int, hamming: int, near_dup_min_corr: float, near_dup_max_group: int
+) -> None:
+    """Reject settings and indexes that cannot give valid folds, before any slow work.
+
+    The ranges are the config's (foldkit.config.validate), so a config that loads is always accepted.
+    """
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
         raise FoldkitError(f"the index lacks columns {missing}; expected {INDEX_COLUMNS}")
     if k < 2:
         raise FoldkitError(f"--k must be at least 2, got {k}")
-    if not 0 <= hamming < 32:
-        raise FoldkitError(f"--hamming must be in 0..31 (bits of a 64-bit hash), got {hamming}")
+    if not 0 <= hamming <= MAX_HAMMING:
+        raise FoldkitError(f"--hamming must be in 0..{MAX_HAMMING} (bits of a 64-bit hash), got {hamming}")
+    if not 0 < near_dup_min_corr <= 1:
+        raise FoldkitError(f"--near-dup-min-corr must be in (0, 1], got {near_dup_min_corr}")
+    if near_dup_max_group < 1:
+        raise FoldkitError(f"--near-dup-max-group must be at least 1, got {near_dup_max_group}")
     bad = ~index["label"].isin([0, 1])
     if bad.any():
         raise FoldkitError(
             f"{int(bad.sum())} rows have a label other than 0/1 (e.g. {index['name'][bad].iloc[0]})"
         )
+
+
+def _log_balance(df: pd.DataFrame, k: int) -> None:
+    """Log fold shares and fake ratios against the whole; warn past 2 points (uneven group sizes)."""
+    share = df["fold"].value_counts(normalize=True).sort_index()
+    ratio = df.groupby("fold")["label"].mean()
+    whole = df["label"].mean()
+    size_dev, ratio_dev = (share - 1 / k).abs().max(), (ratio - whole).abs().max()
+    log = logger.warning if max(size_dev, ratio_dev) > 0.02 else logger.info
+    log(
+        "folds hold %s of the images (even: %.1f%%), fake ratios %s (whole %.1f%%)%s",
+        ", ".join(f"{x:.1%}" for x in share), 100 / k, ", ".join(f"{x:.1%}" for x in ratio), 100 * whole,
+        "; over 2 points off: a few large groups?" if log is logger.warning else "",
+    )  # fmt: skip
 
 
 def make_folds(
@@ -320,25 +665,30 @@ def make_folds(
     seed: int = 42,
     group_regex: str | None = None,
     near_dup: bool = False,
-    hamming: int = 6,
+    hamming: int = _DATA_DEFAULTS.hamming,
+    near_dup_min_corr: float = _DATA_DEFAULTS.near_dup_min_corr,
+    near_dup_max_group: int = _DATA_DEFAULTS.near_dup_max_group,
+    *,
+    allow_unmatched: bool = False,
     workers: int | None = None,
 ) -> pd.DataFrame:
     """The index plus ``group`` and ``fold``: stratified by label, every group inside one fold."""
-    _check_settings(index, k, hamming)
+    _check_settings(index, k, hamming, near_dup_min_corr, near_dup_max_group)
     df = index[INDEX_COLUMNS].reset_index(drop=True)
     df = df.assign(label=df["label"].astype(np.int64))
-    components, ids = build_groups(df, data_dir, group_regex, near_dup, hamming, workers)
-    df["group"] = pd.Series(ids, dtype=str)
-    df["fold"] = _assign_folds(df["label"].to_numpy(), components, k, seed)
-    sizes = np.bincount(components)
+    groups = build_groups(
+        df, data_dir, group_regex, near_dup, hamming, near_dup_min_corr, near_dup_max_group,
+        allow_unmatched=allow_unmatched, workers=workers,
+    )  # fmt: skip
+    sizes = np.bincount(groups.components)
     logger.info(
         "%d groups for %d images (%d with more than one image, largest %d)",
         len(sizes), len(df), int((sizes > 1).sum()), int(sizes.max(initial=0)),
     )  # fmt: skip
-    if sizes.max(initial=0) > len(df) / k / 2:
-        logger.warning(
-            "the largest group holds %d images, over half a fold; folds may be uneven", sizes.max()
-        )
+    check_groups(groups, df["name"].to_numpy(), k)
+    df["group"] = pd.Series(groups.ids, dtype=str)
+    df["fold"] = _assign_folds(df["label"].to_numpy(), groups.components, k, seed)
+    _log_balance(df, k)
     assert_no_leak(df)
     return df
 
@@ -399,8 +749,13 @@ def _read_verified(work_dir: Path) -> tuple[bytes, dict]:
     csv_path, json_path = folds_dir(work_dir) / "folds.csv", folds_dir(work_dir) / "folds.json"
     for path in (json_path, csv_path):
         if not path.is_file():
+            # The callers do not know the config: name the commands that build folds with one, and
+            # say that the same config and data must be used (else main.py rebuilds them anyway).
             raise FoldkitError(
-                f"{path} not found; make folds first: python -m foldkit.folds --work-dir {work_dir}"
+                f"{path} not found; make folds first, with the config and data you train with: "
+                f"python main.py --config CONFIG --data-dir DATA --work-dir {work_dir} --fold ... "
+                f"(builds them before training), or python -m foldkit.folds --config CONFIG "
+                f"--data-dir DATA --work-dir {work_dir}"
             )
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
@@ -436,11 +791,8 @@ def _stale_reason(work_dir: Path, settings: dict, data_hash: str) -> str | None:
     try:
         _, meta = _read_verified(work_dir)
     except FoldkitError as exc:
-        return str(exc).split(";")[0]
-    keys = [key for key in SETTING_KEYS if key != "hamming" or settings["near_dup"]]
-    changed = [
-        f"{key} {meta.get(key)!r} -> {settings[key]!r}" for key in keys if meta.get(key) != settings[key]
-    ]
+        return "no usable folds yet: " + str(exc).split(";")[0]
+    changed = settings_changes(meta, settings)
     if changed:
         return "settings changed: " + ", ".join(changed)
     if meta.get("data_hash") != data_hash:
@@ -455,15 +807,19 @@ def ensure_folds(
     seed: int = 42,
     group_regex: str | None = None,
     near_dup: bool = False,
-    hamming: int = 6,
+    hamming: int = _DATA_DEFAULTS.hamming,
+    near_dup_min_corr: float = _DATA_DEFAULTS.near_dup_min_corr,
+    near_dup_max_group: int = _DATA_DEFAULTS.near_dup_max_group,
     *,
+    allow_unmatched: bool = False,
     force: bool = False,
     workers: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Reuse folds made with the same settings on the same data, else rebuild and write them.
 
     Every model of the ensemble must see the same folds, so they are made once and only remade when
-    the settings or the data index change.
+    the settings or the data index change. ``allow_unmatched`` is not a setting of the folds (it only
+    permits a regex that misses many names), so it never forces a rebuild.
     """
     settings = {
         "k": k,
@@ -471,18 +827,21 @@ def ensure_folds(
         "group_regex": group_regex or None,
         "near_dup": near_dup,
         "hamming": hamming,
+        "near_dup_min_corr": near_dup_min_corr,
+        "near_dup_max_group": near_dup_max_group,
     }
     index = read_trainval(Path(data_dir))
     reason = "--force" if force else _stale_reason(Path(work_dir), settings, index_hash(index))
     if reason is None:
         df, meta = load_folds(Path(work_dir))
         logger.info(
-            "reusing %s: same settings and data (folds hash %s)", folds_dir(work_dir), meta["hash"][:12]
-        )
+            "reusing the folds in %s: same settings and data (folds hash %s)",
+            folds_dir(work_dir), meta["hash"][:12],
+        )  # fmt: skip
         return df, meta
-    logger.info("building folds in %s: %s", folds_dir(work_dir), reason)
+    logger.info("rebuilding the folds in %s: %s", folds_dir(work_dir), reason)
     survey_images(Path(data_dir), index)
-    df = make_folds(index, Path(data_dir), workers=workers, **settings)
+    df = make_folds(index, Path(data_dir), workers=workers, allow_unmatched=allow_unmatched, **settings)
     meta = write_folds(df, Path(work_dir), settings)
     logger.info("wrote %s (folds hash %s)", folds_dir(work_dir) / "folds.csv", meta["hash"][:12])
     return df, meta
@@ -507,29 +866,112 @@ def format_fold_table(df: pd.DataFrame) -> str:
     return fold_table(df).reset_index().to_string(index=False, float_format=lambda x: f"{x:.4f}")
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m foldkit.folds", description=__doc__.split("\n")[0])
-    add_path_args(parser)
-    parser.add_argument("--k", type=int, default=5, help="number of folds")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument(
-        "--group-regex", default=None, help=r"group key: first match in the name, e.g. 'S\d+'"
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+#: CLI flags that override a key of the config's ``data:`` section.
+_FLAG_KEYS = {
+    "k": "data.k",
+    "seed": "data.fold_seed",
+    "group_regex": "data.group_regex",
+    "allow_unmatched": "data.allow_unmatched",
+    "near_dup": "data.near_dup",
+    "hamming": "data.hamming",
+    "near_dup_min_corr": "data.near_dup_min_corr",
+    "near_dup_max_group": "data.near_dup_max_group",
+}
+
+
+def resolve_config_path(text: str) -> Path:
+    """A relative config path is looked up in the current folder, then in the project (as main.py does)."""
+    path = Path(text)
+    if path.is_file() or path.is_absolute():
+        return path
+    return PROJECT_ROOT / path if (PROJECT_ROOT / path).is_file() else path
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append each default, unless the help already states it (the fold flags name their config's value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
+def build_parser(config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
+    """Every option with a help line and its default; fold settings default to ``config``'s data section."""
+    d = load_config(resolve_config_path(config)).data
+    p = argparse.ArgumentParser(
+        prog="python -m foldkit.folds", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter
     )
-    parser.add_argument("--near-dup", action="store_true", help="also group near-duplicate images (phash)")
-    parser.add_argument("--hamming", type=int, default=6, help="max differing phash bits of near-duplicates")
-    parser.add_argument("--workers", type=int, default=None, help="hashing processes (default: all cores)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the folds are up to date")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser.parse_args(argv)
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="YAML config whose data: section gives the fold settings (relative: cwd, then project); "
+        "give it the file main.py is given, and main.py reuses these folds",
+    )
+    add_path_args(p)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, repeatable, e.g. --set data.group_regex=null; the flags below win "
+        "over it (default: none)",
+    )
+    for flag, kind, value, text in (
+        ("--k", int, d.k, "number of folds"),
+        ("--seed", int, d.fold_seed, "seed of the split (data.fold_seed)"),
+        ("--group-regex", str, d.group_regex, "group key: first match in the name; '' or null: none"),
+        ("--allow-unmatched", bool, d.allow_unmatched, "accept a group regex matching under 90% of names"),
+        ("--near-dup", bool, d.near_dup, "group copies: same pixels, pixel-checked pHash near-duplicates"),
+        ("--hamming", int, d.hamming, f"pHash candidates: max differing bits, 0..{MAX_HAMMING}"),
+        ("--near-dup-min-corr", float, d.near_dup_min_corr, "pixel check: min thumbnail correlation"),
+        ("--near-dup-max-group", int, d.near_dup_max_group, "max group near-dup links build without a key"),
+    ):
+        shown = "null" if value is None else f"'{value}'" if isinstance(value, str) else value
+        help_text = f"{text} (default: {shown} from {config})".replace("%", "%%")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            p.add_argument(flag, type=kind, help=help_text)
+    p.add_argument("--workers", type=int, help="fingerprinting processes (default: all CPU cores)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folds are up to date")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse twice: ``--config`` first, so the help and the defaults show that config's values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=DEFAULT_CONFIG)
+    config = pre.parse_known_args(argv)[0].config
+    return build_parser(config).parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """``ensure_folds`` keywords: the config's data section < ``--set`` < explicit flags."""
+    overrides = [parse_override(text) for text in args.overrides]
+    for dest, key in _FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if dest == "group_regex" and value is not None and value.strip().lower() in ("", "null", "none"):
+            overrides.append((key, None))
+        elif value is not None:
+            overrides.append((key, value))
+    return fold_settings(load_config(resolve_config_path(args.config), overrides).data)
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parse_args(argv)
     setup_logging(args.verbose)
-    df, meta = ensure_folds(
-        args.data_dir, args.work_dir, k=args.k, seed=args.seed, group_regex=args.group_regex,
-        near_dup=args.near_dup, hamming=args.hamming, force=args.force, workers=args.workers,
+    settings = settings_from_args(args)
+    logger.info(
+        "fold settings (%s, then --set and flags): %s",
+        args.config, ", ".join(f"{key}={value!r}" for key, value in settings.items()),
     )  # fmt: skip
+    df, meta = ensure_folds(args.data_dir, args.work_dir, **settings, force=args.force, workers=args.workers)
     print(format_fold_table(df))
     print(f"folds: {folds_dir(args.work_dir) / 'folds.csv'} (hash {meta['hash']})")
     return 0

@@ -1,4 +1,9 @@
-"""Fold assignment: stratified, leak-free under regex and near-duplicate groups, reproducible, reused."""
+"""Fold assignment: stratified, leak-free under regex and near-duplicate groups, reproducible, reused.
+
+The near-duplicate tests follow the policy of docs/DESIGN-notes.md: identical pixels always join,
+pHash candidates join only after the thumbnail check, never across two regex groups, never into a
+keyless group over the cap; groups too large for balanced folds are errors that name their cause.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +24,18 @@ from PIL import Image
 
 import foldkit
 from foldkit import folds as folds_mod
+from foldkit.config import MAX_HAMMING, ConfigError, load_config
 from foldkit.data import label_file, read_trainval
 from foldkit.folds import (
     FOLD_COLUMNS,
+    SETTING_KEYS,
+    THUMB_SIDE,
+    Fingerprints,
     assert_no_leak,
+    build_parser,
     ensure_folds,
+    fingerprint_images,
+    fold_settings,
     fold_table,
     folds_hash,
     format_fold_table,
@@ -31,12 +43,21 @@ from foldkit.folds import (
     main,
     make_folds,
     near_dup_pairs,
-    phash_images,
     write_folds,
 )
 from foldkit.io import FoldkitError
+from foldkit.synthetic import generate
 
-SETTINGS = {"k": 5, "seed": 42, "group_regex": None, "near_dup": False, "hamming": 6}
+SETTINGS = {
+    "k": 5,
+    "seed": 42,
+    "group_regex": None,
+    "near_dup": False,
+    "hamming": 6,
+    "near_dup_min_corr": 0.99,
+    "near_dup_max_group": 16,
+}
+DEFAULT_YAML = Path(foldkit.PROJECT_ROOT) / "configs" / "default.yaml"
 
 
 def synthetic_index(
@@ -67,6 +88,10 @@ def assert_stratified(df: pd.DataFrame, tolerance: float = 0.02) -> None:
     assert (ratios - overall).abs().max() <= tolerance, ratios.to_dict()
 
 
+def messages(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------- folds
 
 
@@ -88,7 +113,7 @@ def test_regex_groups_are_leak_free_and_stratified(caplog: pytest.LogCaptureFixt
     assert_stratified(df)
     assert df.loc[0, "group"] == df.loc[0, "name"].split("_")[0]  # the regex key names its group
     assert df.loc[[5, 9], "group"].tolist() == ["g5", "g9"]
-    assert any("2 of 3000 names do not match" in r.getMessage() for r in caplog.records)
+    assert "2 of 3000 names do not match" in messages(caplog)
 
 
 def test_empty_regex_match_counts_as_no_match() -> None:
@@ -99,12 +124,30 @@ def test_empty_regex_match_counts_as_no_match() -> None:
     assert df.loc[0, "group"] == index.loc[0, "name"].split("_")[0]
 
 
+def test_regex_matching_under_90_percent_is_an_error_unless_allowed(caplog: pytest.LogCaptureFixture) -> None:
+    index = synthetic_index(n=1000)
+    md5 = [hashlib.md5(str(i).encode()).hexdigest() + ".jpg" for i in range(150)]
+    index.loc[: len(md5) - 1, "name"] = md5  # 85% keep a subject id: under the bar
+    with pytest.raises(FoldkitError) as err:
+        make_folds(index, Path("."), group_regex=r"S\d+")
+    text = str(err.value)
+    assert "matches only 850 of 1000 names (85.0%" in text and md5[0] in text
+    for option in ("--set data.group_regex=null", "--allow-unmatched", "--set data.allow_unmatched=true"):
+        assert option in text
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        df = make_folds(index, Path("."), group_regex=r"S\d+", allow_unmatched=True)
+    assert "150 of 1000 names do not match" in messages(caplog)
+    assert df.loc[0, "group"] == "g0"  # an unmatched name is its own group
+    index.loc[: len(md5) - 1, "name"] = [f"S{i}_{m}" for i, m in enumerate(md5[:100])] + md5[100:]
+    make_folds(index, Path("."), group_regex=r"S\d+")  # 95% match: fine
+
+
 def test_bundled_groups_stay_whole_and_stratified(monkeypatch: pytest.MonkeyPatch) -> None:
     # Many groups take StratifiedGroupKFold slowly; above the limit small groups are bundled first.
     monkeypatch.setattr(folds_mod, "_MAX_SGKF_GROUPS", 200)
     index = synthetic_index(n=4000, n_subjects=50)
     index.loc[index.index % 2 == 0, "name"] = [f"x{i}.png" for i in range(2000)]  # 2000 singletons
-    df = make_folds(index, Path("."), group_regex=r"S\d+")
+    df = make_folds(index, Path("."), group_regex=r"S\d+", allow_unmatched=True)
     assert df["group"].nunique() == 2050
     assert_groups_whole(df, df["group"])
     assert_stratified(df)
@@ -124,7 +167,9 @@ def test_same_settings_same_folds_and_seed_matters() -> None:
     [
         ({"k": 1}, "at least 2"),
         ({"group_regex": "S("}, "not a valid regular expression"),
-        ({"hamming": 40}, "0..31"),
+        ({"hamming": 40}, f"0..{MAX_HAMMING}"),
+        ({"near_dup_min_corr": 0.0}, "min-corr"),
+        ({"near_dup_max_group": 0}, "max-group"),
     ],
 )
 def test_bad_settings_are_foldkit_errors(kwargs: dict, message: str) -> None:
@@ -132,9 +177,38 @@ def test_bad_settings_are_foldkit_errors(kwargs: dict, message: str) -> None:
         make_folds(synthetic_index(n=100), Path("."), **kwargs)
 
 
-def test_too_few_groups_for_k_is_a_foldkit_error() -> None:
-    with pytest.raises(FoldkitError, match="cannot make 5 folds"):
+@pytest.mark.parametrize("hamming", [-1, 0, MAX_HAMMING, MAX_HAMMING + 1, 63])
+def test_hamming_range_is_one_rule_for_config_and_folds(hamming: int) -> None:
+    try:
+        load_config(None, [("data.hamming", hamming)])
+        config_ok = True
+    except ConfigError:
+        config_ok = False
+    try:
+        make_folds(synthetic_index(n=100), Path("."), hamming=hamming)
+        folds_ok = True
+    except FoldkitError:
+        folds_ok = False
+    assert config_ok == folds_ok == (0 <= hamming <= 31)
+
+
+def test_too_few_groups_for_k_is_a_foldkit_error_naming_options() -> None:
+    with pytest.raises(FoldkitError, match="cannot make 5 folds") as err:
         make_folds(synthetic_index(n=200, n_subjects=3), Path("."), group_regex=r"S\d+")
+    assert "fewer groups than folds" in str(err.value) and "regex key 'S" in str(err.value)
+    assert "--set data.k=N" in str(err.value) and "--set data.group_regex=null" in str(err.value)
+
+
+def test_a_group_over_n_over_2k_is_an_error_naming_the_regex_key(caplog: pytest.LogCaptureFixture) -> None:
+    index = synthetic_index(n=1000, n_subjects=100)
+    index.loc[:149, "name"] = [f"S999_{i}.png" for i in range(150)]  # 150 > 1000 / (2 * 5)
+    with pytest.raises(FoldkitError) as err:
+        make_folds(index, Path("."), group_regex=r"S\d+")
+    text = str(err.value)
+    assert "largest group holds 150 of 1000 images (15%), over n/(2k) = 100" in text
+    assert "regex key 'S999' holds 150 images" in text
+    assert "--set data.group_regex=null" in text and "fewer folds" in text
+    make_folds(index, Path("."), group_regex=r"S\d+", k=3)  # 150 <= 1000 / 6: fine
 
 
 def test_assert_no_leak_names_group_and_folds() -> None:
@@ -149,19 +223,196 @@ def test_assert_no_leak_names_group_and_folds() -> None:
 # ------------------------------------------------------------------------------------------ near-dup
 
 
-def test_near_dup_pairs_match_brute_force() -> None:
+def test_near_dup_pairs_match_brute_force_each_pair_once() -> None:
     rng = np.random.default_rng(3)
     base = rng.integers(0, 2**63, 400, dtype=np.int64).astype(np.uint64) * np.uint64(2)
     flips = [np.uint64(sum(1 << int(b) for b in rng.choice(64, d, replace=False))) for d in range(9)]
     near = np.array([base[i] ^ flips[i % 9] for i in range(60)], dtype=np.uint64)  # distances 0..8
-    hashes = np.concatenate([base, near])
+    hashes = np.concatenate([base, near, base[:5]])  # + exact repeats: they agree on every chunk
     a, b = near_dup_pairs(hashes, hamming=6)
-    found = {(min(x, y), max(x, y)) for x, y in zip(a.tolist(), b.tolist(), strict=True)}
     xor = hashes[:, None] ^ hashes[None, :]
     dist = np.array([[bin(int(v)).count("1") for v in row] for row in xor])
     expected = {(i, j) for i, j in zip(*np.nonzero(dist <= 6), strict=True) if i < j}
-    assert found == expected
+    assert (a < b).all()
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == sorted(expected)  # no pair twice
     assert len(expected) >= 40
+
+
+def fake_fingerprints(n: int, seed: int = 0) -> Fingerprints:
+    """Fingerprints with no duplicate at all: random 64-bit pHashes, unique pixels, random thumbnails."""
+    rng = np.random.default_rng(seed)
+    return Fingerprints(
+        rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * np.uint64(2),
+        np.arange(n, dtype=np.uint64) + np.uint64(10**6),
+        rng.integers(0, 256, (n, THUMB_SIDE**2), dtype=np.uint8),
+    )
+
+
+def make_copy(fp: Fingerprints, src: int, dst: int, exact: bool, seed: int = 0) -> None:
+    """Row ``dst`` becomes a copy of ``src``: identical pixels, or a lightly noised one (2 pHash bits off)."""
+    fp.phash[dst] = fp.phash[src] ^ np.uint64(0b101) if not exact else fp.phash[src]
+    if exact:
+        fp.pixels[dst], fp.thumbs[dst] = fp.pixels[src], fp.thumbs[src]
+    else:
+        noise = np.random.default_rng(seed).integers(-3, 4, THUMB_SIDE**2)
+        fp.thumbs[dst] = np.clip(fp.thumbs[src].astype(int) + noise, 0, 255)
+
+
+@pytest.fixture
+def use_fingerprints(monkeypatch: pytest.MonkeyPatch):
+    """Make the fold builder use given fingerprints instead of reading image files."""
+
+    def use(fp: Fingerprints) -> None:
+        monkeypatch.setattr(folds_mod, "fingerprint_images", lambda paths, workers=None: fp)
+
+    return use
+
+
+def test_near_dup_links_follow_the_policy(use_fingerprints, caplog: pytest.LogCaptureFixture) -> None:
+    index = synthetic_index(n=400, n_subjects=40, seed=1)
+    subject = index["name"].str.extract(r"(S\d+)")[0]
+    a, b, c, d, e, f = (int(np.flatnonzero(subject == f"S{s}")[0]) for s in (1, 2, 3, 4, 5, 6))
+    index.loc[399, "name"] = "keyless.png"
+    fp = fake_fingerprints(400)
+    make_copy(fp, a, b, exact=False)  # fuzzy copy under another subject: would bridge S1 and S2
+    make_copy(fp, f, 399, exact=False)  # fuzzy copy without a key: joins S6
+    make_copy(fp, c, d, exact=True)  # identical pixels under another subject: S3 and S4 join
+    fp.phash[e] = fp.phash[c]  # same pHash as c and d, unrelated pixels: fails the pixel check
+    use_fingerprints(fp)
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        df = make_folds(index, Path("."), group_regex=r"S\d+", near_dup=True)
+    group, names, log = df["group"], df["name"], messages(caplog)
+    assert group[a] == "S1" and group[b] == "S2" and group[399] == group[f] == "S6"
+    assert group[c] == group[d] and group[c].startswith("g") and group[e] == "S5"
+    assert df["fold"][c] == df["fold"][d] and df["fold"][399] == df["fold"][f]
+    assert "1 images are pixel-identical copies of another; 1 such copies join two regex groups" in log
+    assert f"{names[min(c, d)]} = {names[max(c, d)]}" in log
+    # Distinct pairs: c~e agrees on all 7 chunks of the hash, d is c's pixel copy; each counts once.
+    assert "3 distinct pHash pairs within 6 bits; 3 of them in two groups were pixel-checked, 2 pass" in log
+    assert "1 pixel-checked links would bridge two regex groups and were NOT merged" in log
+    assert f"{names[min(a, b)]} ~ {names[max(a, b)]} (S" in log
+    assert group.nunique() == subject.iloc[:399].nunique() - 1  # S3+S4 joined; keyless.png inside S6
+
+
+def test_near_dup_links_cannot_chain_past_the_cap(use_fingerprints, caplog: pytest.LogCaptureFixture) -> None:
+    index = synthetic_index(n=400, seed=2)
+    fp = fake_fingerprints(400)
+    for i in range(1, 30):  # 30 mutual near-duplicates without a regex key
+        make_copy(fp, 0, i, exact=False, seed=i)
+    use_fingerprints(fp)
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        capped = make_folds(index, Path("."), near_dup=True, near_dup_max_group=4)
+    sizes = capped["group"].iloc[:30].value_counts()
+    assert sizes.max() == 4 and sizes.sum() == 30
+    assert "would make a group of over 4 images without a regex key" in messages(caplog)
+    whole = make_folds(index, Path("."), near_dup=True, near_dup_max_group=30)
+    assert whole["group"].iloc[:30].nunique() == 1
+
+
+def test_identical_copies_joining_many_subjects_is_an_error_naming_pairs(use_fingerprints) -> None:
+    index = synthetic_index(n=1000, n_subjects=100, seed=3)
+    subject = index["name"].str.extract(r"(S\d+)")[0]
+    rows = [int(np.flatnonzero(subject == f"S{s}")[0]) for s in range(20)]
+    fp = fake_fingerprints(1000)
+    for row in rows[1:]:
+        make_copy(fp, rows[0], row, exact=True)
+    use_fingerprints(fp)
+    with pytest.raises(FoldkitError) as err:
+        make_folds(index, Path("."), group_regex=r"S\d+", near_dup=True)
+    text = str(err.value)
+    assert "over n/(2k) = 100" in text and "identical-pixel copies join 20 regex keys" in text
+    assert f"{index['name'][min(rows)]} = " in text and "and 16 more" in text  # 19 pairs, 3 shown
+    assert "--set data.near_dup=false" in text
+
+
+def test_a_large_keyless_duplicate_group_is_an_error_naming_near_dup_links(use_fingerprints) -> None:
+    index = synthetic_index(n=1000, seed=4)
+    fp = fake_fingerprints(1000)
+    for i in range(1, 150):
+        make_copy(fp, 0, i, exact=True)
+    use_fingerprints(fp)
+    with pytest.raises(FoldkitError) as err:
+        make_folds(index, Path("."), near_dup=True)
+    text = str(err.value)
+    assert "largest group holds 150 of 1000" in text
+    assert "150 images without a regex key joined by near-duplicate links (1 identical-pixel sets" in text
+    assert "--no-near-dup" in text
+
+
+# Real images: synthetic aligned faces, where pHash alone cannot tell two people apart.
+
+
+def _reencode(path: Path, rng: np.random.Generator) -> Image.Image:
+    """A lightly noised (sigma 3) copy, re-encoded as JPEG q90 and decoded again."""
+    arr = np.asarray(Image.open(path).convert("RGB")).astype(float) + rng.normal(0, 3, (112, 112, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 synthetic 112 px faces of 40 subjects, plus copies of the first four validate images.
+
+    ``copy_exact.png``: PNG re-save (same pixels), ``copy_jpeg.jpg``: noised JPEG q90, both without a
+    subject id; ``S0nn_exact_other.png`` / ``S0nn_jpeg_other.jpg``: the same under another subject's id.
+    """
+    data = tmp_path_factory.mktemp("faces") / "data"
+    generate(data, 225, 75, 0, seed=1, size=112, n_subjects=40, workers=1)
+    rows = [line.split() for line in label_file(data, "validate").read_text().splitlines()]
+    (n0, l0), (n1, l1), (n2, l2), (n3, l3) = rows[:4]
+    other2 = "S040" if "S040" not in n2 else "S039"  # another subject's id for each cross-subject copy
+    other3 = "S038" if "S038" not in n3 else "S037"
+    rng = np.random.default_rng(0)
+    train = data / "train"
+    Image.open(data / "validate" / n0).save(train / "copy_exact.png")
+    _reencode(data / "validate" / n1, rng).save(train / "copy_jpeg.jpg", quality=95)
+    Image.open(data / "validate" / n2).save(train / f"{other2}_exact_other.png")
+    _reencode(data / "validate" / n3, rng).save(train / f"{other3}_jpeg_other.jpg", quality=95)
+    extra = [f"copy_exact.png {l0}", f"copy_jpeg.jpg {l1}", f"{other2}_exact_other.png {l2}"]
+    extra.append(f"{other3}_jpeg_other.jpg {l3}")
+    with label_file(data, "train").open("a") as fh:
+        fh.write("\n".join(extra) + "\n")
+    return data
+
+
+def test_copies_of_a_face_land_in_its_fold_with_the_default_config(
+    faces: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = fold_settings(load_config(DEFAULT_YAML).data)
+    assert settings["near_dup"] and settings["group_regex"]
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        df = make_folds(read_trainval(faces), faces, workers=1, **settings).set_index("name")
+    validate = [line.split()[0] for line in label_file(faces, "validate").read_text().splitlines()[:4]]
+    subject = df.index.str.extract(r"(S\d+)", expand=False)
+    for copy, original in zip(["copy_exact.png", "copy_jpeg.jpg"], validate[:2], strict=True):
+        assert df.loc[copy, "group"] == df.loc[original, "group"]
+        assert df.loc[copy, "fold"] == df.loc[original, "fold"]
+    exact_other = next(n for n in df.index if n.endswith("_exact_other.png"))
+    assert df.loc[exact_other, "group"] == df.loc[validate[2], "group"]  # identical pixels: always join
+    assert df.loc[exact_other, "fold"] == df.loc[validate[2], "fold"]
+    jpeg_other = next(n for n in df.index if n.endswith("_jpeg_other.jpg"))
+    assert df.loc[jpeg_other, "group"] == jpeg_other[:4] != df.loc[validate[3], "group"]  # not bridged
+    log = messages(caplog)
+    assert "1 pixel-checked links would bridge two regex groups and were NOT merged" in log
+    assert jpeg_other in log and validate[3] in log
+    assert df["group"].nunique() == subject.nunique() - 1  # only the identical copy joined two subjects
+
+
+def test_look_alike_faces_do_not_chain_subjects(faces: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The reported defect: pHash neighbours of aligned faces merged whole subjects into a few groups."""
+    index = read_trainval(faces)
+    index = index[~index["name"].str.contains("copy|other")].reset_index(drop=True)
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        df = make_folds(index, faces, group_regex=r"S\d+", near_dup=True, hamming=12, workers=1)
+    found = re.search(
+        r"(\d+) distinct pHash pairs within 12 bits; (\d+) of them in two groups", messages(caplog)
+    )
+    assert int(found[2]) >= 50  # many cross-subject candidates, which a pHash-only rule would merge
+    assert df["group"].nunique() == 40
+    flat = make_folds(index, faces, near_dup=True, hamming=12, workers=1)  # no regex: no merge either
+    assert flat["group"].nunique() == len(index)
 
 
 def _smooth_image(rng: np.random.Generator) -> Image.Image:
@@ -178,7 +429,7 @@ def _noisy_jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def make_dup_data(root: Path, n: int = 40) -> Path:
-    """``n`` distinct faces split train/validate, plus copies: ``a`` exact (other split), ``b`` noisy JPEG."""
+    """``n`` distinct images in train/validate, plus copies: ``a`` exact (other split), ``b`` noisy JPEG."""
     rng = np.random.default_rng(1)
     data = root / "data"
     for phase in ("train", "validate"):
@@ -214,7 +465,9 @@ def test_near_duplicates_share_group_and_fold(tmp_path: Path) -> None:
 def test_regex_and_near_dup_groups_combine(tmp_path: Path) -> None:
     data = make_dup_data(tmp_path)
     index = read_trainval(data)
-    df = make_folds(index, data, group_regex=r"img[0-4]\b|img1\d", near_dup=True, workers=1).set_index("name")
+    df = make_folds(
+        index, data, group_regex=r"img[0-4]\b|img1\d", near_dup=True, allow_unmatched=True, workers=1
+    ).set_index("name")
     # img1 and its noisy copy copy_b share one key "img1"; the exact copy of img0 joins key "img0".
     assert df.loc["copy_b.jpg", "group"] == "img1"
     assert df.loc["copy_a.png", "group"] == "img0"
@@ -222,34 +475,39 @@ def test_regex_and_near_dup_groups_combine(tmp_path: Path) -> None:
     assert_no_leak(df.reset_index())
 
 
-def test_phash_in_parallel_matches_serial(tmp_path: Path) -> None:
+def test_fingerprints_in_parallel_match_serial(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     paths = []
     for i in range(300):  # over the threshold where a process pool is used
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
         paths.append(str(path))
-    np.testing.assert_array_equal(phash_images(paths, workers=2), phash_images(paths, workers=1))
+    parallel, serial = fingerprint_images(paths, workers=2), fingerprint_images(paths, workers=1)
+    for got, want in zip(parallel, serial, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert serial.thumbs.shape == (300, THUMB_SIDE**2) and serial.thumbs.dtype == np.uint8
+    assert len(np.unique(serial.pixels)) == 300
 
 
 def test_unreadable_image_fails_hashing(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(FoldkitError, match="cannot read image for hashing"):
-        phash_images([str(tmp_path / "bad.png")], workers=1)
+        fingerprint_images([str(tmp_path / "bad.png")], workers=1)
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
 
 
-def make_data(root: Path, n_train: int = 30, n_validate: int = 10) -> Path:
-    """Tiny images named S<subject>_<i>.png with alternating labels."""
+def make_data(root: Path, n_train: int = 30, n_validate: int = 10, names: list[str] | None = None) -> Path:
+    """Tiny images named S<subject>_<i>.png (20 subjects, or ``names``) with alternating labels."""
     data = root / "data"
-    for phase, n in (("train", n_train), ("validate", n_validate)):
+    names = list(names or [f"S{i % 20}_{i}.png" for i in range(n_train + n_validate)])
+    for p, (phase, n) in enumerate((("train", n_train), ("validate", n_validate))):
         (data / phase).mkdir(parents=True)
         lines = []
         for i in range(n):
-            name = f"S{i % 7}_{phase}{i}.png"
-            Image.new("RGB", (16, 16), (i * 5, 0, 0)).save(data / phase / name)
+            name = names.pop(0)
+            Image.new("RGB", (16, 16), (i * 5, p * 100, 0)).save(data / phase / name)
             lines.append(f"{name} {i % 2}")
         label_file(data, phase).write_text("\n".join(lines) + "\n")
     return data
@@ -262,7 +520,8 @@ def test_write_then_load_round_trip_and_hashes(tmp_path: Path) -> None:
     csv = tmp_path / "w" / "folds" / "folds.csv"
     assert csv.read_text().splitlines()[0] == "name,path,label,source,group,fold"
     assert meta["hash"] == hashlib.sha256(csv.read_bytes()).hexdigest() == folds_hash(tmp_path / "w")
-    assert list(meta) == ["k", "seed", "group_regex", "near_dup", "hamming", "n", "data_hash", "hash"]
+    assert list(meta) == [*SETTING_KEYS, "n", "data_hash", "hash"]
+    assert list(SETTINGS) == list(SETTING_KEYS)
     assert meta["n"] == 40
     loaded, loaded_meta = load_folds(tmp_path / "w")
     pd.testing.assert_frame_equal(loaded, df, check_dtype=False)
@@ -280,6 +539,14 @@ def test_load_folds_missing_or_tampered(tmp_path: Path) -> None:
         load_folds(tmp_path / "w")
 
 
+def test_missing_folds_hint_keeps_data_dir_and_settings(tmp_path: Path) -> None:
+    with pytest.raises(FoldkitError) as err:
+        folds_hash(tmp_path / "w")
+    text = str(err.value)
+    assert f"python main.py --config CONFIG --data-dir DATA --work-dir {tmp_path / 'w'} --fold" in text
+    assert f"python -m foldkit.folds --config CONFIG --data-dir DATA --work-dir {tmp_path / 'w'}" in text
+
+
 def test_write_folds_refuses_a_leak(tmp_path: Path) -> None:
     df = make_folds(synthetic_index(n=100), Path("."))
     df.loc[[0, 1], "group"] = "same"
@@ -291,8 +558,8 @@ def test_write_folds_refuses_a_leak(tmp_path: Path) -> None:
 
 def test_rerun_gives_identical_bytes(tmp_path: Path) -> None:
     data = make_data(tmp_path)
-    ensure_folds(data, tmp_path / "a", group_regex=r"S\d+")
-    ensure_folds(data, tmp_path / "b", group_regex=r"S\d+", force=True)
+    ensure_folds(data, tmp_path / "a", group_regex=r"S\d+", near_dup=True, workers=1)
+    ensure_folds(data, tmp_path / "b", group_regex=r"S\d+", near_dup=True, workers=1, force=True)
     for name in ("folds.csv", "folds.json"):
         assert (tmp_path / "a" / "folds" / name).read_bytes() == (
             tmp_path / "b" / "folds" / name
@@ -306,25 +573,28 @@ def test_ensure_folds_reuses_until_data_or_settings_change(
     csv = work / "folds" / "folds.csv"
     with caplog.at_level(logging.INFO, logger="foldkit"):
         _, meta = ensure_folds(data, work, group_regex=r"S\d+")
+        assert "rebuilding the folds" in messages(caplog) and "no usable folds yet" in messages(caplog)
         os.utime(csv, ns=(0, 0))  # a rewrite would show as a new mtime
         df, again = ensure_folds(data, work, group_regex=r"S\d+")
         assert again == meta and csv.stat().st_mtime_ns == 0
-        assert "reusing" in caplog.records[-1].getMessage()
+        assert "reusing the folds" in caplog.records[-1].getMessage()
         assert len(df) == 40
 
-        ensure_folds(data, work, group_regex=r"S\d+", hamming=3)  # unused without --near-dup: reused
+        for unused in ({"hamming": 3}, {"near_dup_min_corr": 0.5}, {"near_dup_max_group": 2}):
+            ensure_folds(data, work, group_regex=r"S\d+", **unused)  # unused without near_dup: reused
+        ensure_folds(data, work, group_regex=r"S\d+", allow_unmatched=True)  # not a setting of folds
         assert csv.stat().st_mtime_ns == 0
 
         _, changed = ensure_folds(data, work, group_regex=r"S\d+", k=4)
         assert changed["k"] == 4
-        assert any("settings changed: k 5 -> 4" in r.getMessage() for r in caplog.records)
+        assert "settings changed: k 5 -> 4" in messages(caplog)
 
         with label_file(data, "validate").open("a") as fh:
             fh.write("S1_new.png 1\n")
         Image.new("RGB", (16, 16)).save(data / "validate" / "S1_new.png")
         _, rebuilt = ensure_folds(data, work, group_regex=r"S\d+", k=4)
     assert rebuilt["n"] == 41 and rebuilt["data_hash"] != changed["data_hash"]
-    assert any("the data changed" in r.getMessage() for r in caplog.records)
+    assert "the data changed" in messages(caplog)
 
 
 def test_fold_table_counts_and_total() -> None:
@@ -342,9 +612,13 @@ def test_fold_table_counts_and_total() -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def cli(data: Path, work: Path, *args: str) -> int:
+    return main(["--data-dir", str(data), "--work-dir", str(work), "--workers", "1", *args])
+
+
 def test_cli_prints_table_and_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, work = make_data(tmp_path), tmp_path / "w"
-    assert main(["--data-dir", str(data), "--work-dir", str(work), "--k", "3", "--group-regex", r"S\d+"]) == 0
+    assert cli(data, work, "--k", "3", "--group-regex", r"S\d+") == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
     assert header == ["fold", "n", "fakes", "fake_ratio", "n_train", "n_validate", "groups"]
@@ -353,7 +627,71 @@ def test_cli_prints_table_and_writes_files(tmp_path: Path, capsys: pytest.Captur
     assert meta["k"] == 3 and meta["group_regex"] == r"S\d+" and meta["hash"] in out
     df, _ = load_folds(work)
     assert_groups_whole(df, df["group"])
-    assert df["group"].nunique() == 7
+    assert df["group"].nunique() == 20
+
+
+def test_cli_takes_settings_from_the_config_and_flags_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, work = make_data(tmp_path), tmp_path / "w"
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  k: 3\n  fold_seed: 7\n  group_regex: 'S\\d+'\n  near_dup: false\n")
+    meta_path = work / "folds" / "folds.json"
+    assert cli(data, work, "--config", str(config)) == 0
+    meta = json.loads(meta_path.read_text())
+    assert (meta["k"], meta["seed"], meta["group_regex"], meta["near_dup"]) == (3, 7, r"S\d+", False)
+    assert cli(data, work, "--config", str(config), "--set", "data.k=2", "--k", "4") == 0  # flag wins
+    assert json.loads(meta_path.read_text())["k"] == 4
+    err = capsys.readouterr().err  # the CLI logs to stderr (its own handler, not caplog)
+    assert "rebuilding the folds" in err and "settings changed: k 3 -> 4" in err
+    assert cli(data, work, "--config", str(config), "--k", "4") == 0
+    assert "reusing the folds" in capsys.readouterr().err
+    # main.py, given the same config, asks ensure_folds for exactly these settings: it reuses them too
+    os.utime(work / "folds" / "folds.csv", ns=(0, 0))
+    settings = fold_settings(load_config(config, [("data.k", 4)]).data)
+    ensure_folds(data, work, **settings)
+    assert (work / "folds" / "folds.csv").stat().st_mtime_ns == 0
+
+
+def test_cli_defaults_to_the_default_config(tmp_path: Path) -> None:
+    data, work = make_data(tmp_path), tmp_path / "w"
+    assert cli(data, work) == 0
+    meta = json.loads((work / "folds" / "folds.json").read_text())
+    expected = fold_settings(load_config(DEFAULT_YAML).data)
+    assert {key: meta[key] for key in SETTING_KEYS} == {key: expected[key] for key in SETTING_KEYS}
+    assert meta["near_dup"] is True and meta["group_regex"] == r"S\d+"
+
+
+def test_cli_unmatched_regex_error_and_its_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    md5 = [hashlib.md5(str(i).encode()).hexdigest() + ".jpg" for i in range(40)]
+    data, work = make_data(tmp_path, names=md5), tmp_path / "w"
+    assert cli(data, work) == 2
+    err = capsys.readouterr().err
+    assert "matches only 0 of 40 names" in err and "--allow-unmatched" in err
+    assert not (work / "folds").exists()
+    for options in (["--allow-unmatched"], ["--set", "data.allow_unmatched=true"]):
+        assert cli(data, work, *options, "--force") == 0
+    for options in (["--set", "data.group_regex=null"], ["--group-regex", ""]):
+        assert cli(data, work, *options) == 0
+        assert json.loads((work / "folds" / "folds.json").read_text())["group_regex"] is None
+
+
+def test_cli_help_shows_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert {"config", "data_dir", "work_dir", "overrides", "k", "seed", "group_regex", "allow_unmatched"} <= {
+        a.dest for a in options
+    }
+    blocks = re.split(r"\n(?=  -)", text.split("options:", 1)[1])
+    for action in options:
+        block = next(b for b in blocks if b.strip().startswith(action.option_strings[0]))
+        assert "default" in block, block
+    assert "(default: 5 from configs/default.yaml)" in " ".join(text.split())
 
 
 def test_cli_module_exit_status(tmp_path: Path) -> None:
@@ -362,7 +700,7 @@ def test_cli_module_exit_status(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "foldkit.folds", "--data-dir", str(data), "--work-dir", str(work), "--force"]
     ensure_folds(data, work)
     before = {p.name: p.read_bytes() for p in (work / "folds").iterdir()}
-    label_file(data, "train").write_text("S0_train0.png 2\n")
+    label_file(data, "train").write_text("S0_0.png 2\n")
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert f"{label_file(data, 'train')}:1: label must be 0" in bad.stderr
