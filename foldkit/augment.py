@@ -1,32 +1,20 @@
-"""albumentations pipelines built from the config.
+"""The CPU augmentations, built from the config (a named factory, as in the DFDC 1st-place code).
 
-Named factories (as in the DFDC 1st-place code) so train and eval can never drift apart: both end in
-the same resize + normalise with the backbone's own mean/std (from timm's data config).
+They run in the loader's workers on uint8 images at their stored size and return uint8; resizing to
+the network's input and normalising with the backbone's own mean/std happen on the device, in
+``foldkit.device_transforms``, for training and evaluation alike (eval has no CPU transform at all).
 """
 
 from __future__ import annotations
 
 import albumentations as A
 import cv2
-import numpy as np
 
 from foldkit.config import AugmentConfig
 
 
-def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[A.BasicTransform]:
-    # Area averaging when shrinking keeps fine blending artefacts instead of aliasing them away;
-    # linear when enlarging (112 -> 224 for ImageNet-scale backbones), where INTER_AREA would only
-    # replicate pixels.
-    return [
-        A.Resize(size, size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
-        A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-    ]
-
-
-def train_transform(
-    aug: AugmentConfig, size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int
-) -> A.Compose:
-    """Flips, affine, colour, blur/downscale/JPEG/noise and coarse dropout, then resize + normalise.
+def train_transform(aug: AugmentConfig, seed: int) -> A.Compose:
+    """Flips, affine, colour, blur/downscale/JPEG/noise and coarse dropout on uint8 at the stored size.
 
     Why these: face-swap detectors that won DFDC leaned on exactly this artefact-robust set, so the
     model learns blending seams rather than one codec's or camera's signature.
@@ -61,14 +49,4 @@ def train_transform(
             p=aug.dropout,
         ),
     ]
-    return A.Compose(ops + _finish(size, mean, std), seed=seed)
-
-
-def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> A.Compose:
-    """Resize + normalise only: deterministic, shared by validation, OOF and test inference."""
-    return A.Compose(_finish(size, mean, std), seed=0)
-
-
-def to_chw(image: np.ndarray) -> np.ndarray:
-    """HWC float32 -> contiguous CHW, the layout torch expects."""
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
+    return A.Compose(ops, seed=seed)

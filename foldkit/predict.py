@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import ttach
 from torch import nn
 from tqdm.auto import tqdm
 
-from foldkit.augment import eval_transform
 from foldkit.config import TTA_NAMES, RunConfig, from_dict
-from foldkit.dataset import ImageDataset, make_loader
+from foldkit.dataset import ImageDataset, ImageSource, make_loader
+from foldkit.device_transforms import DeviceLoader, DeviceTransform
 from foldkit.io import FoldkitError
 from foldkit.models import create_model, load_weights
+from foldkit.store import FileSource, native_size
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +80,29 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 @torch.no_grad()
 def predict_probs(
     model: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: DeviceLoader,
     device: torch.device,
     tta: Sequence[str] = (),
     amp_dtype: torch.dtype | None = None,
     desc: str = "predict",
 ) -> np.ndarray:
-    """Probabilities of class 1 for every item of ``loader``'s dataset, in dataset order."""
+    """Probabilities of class 1 for every item of ``loader``'s dataset, in dataset order.
+
+    Results stay on the device until the end: one host sync per pass, not one per batch.
+    """
     net: nn.Module = _Probability(model)
     transforms = tta_transforms(tta)
     if transforms is not None:
         net = ttach.ClassificationTTAWrapper(net, transforms, merge_mode="mean")
     model.eval()
-    out = np.full(len(loader.dataset), np.nan, dtype=np.float64)
-    channels_last = device.type == "cuda"
+    probs, indices = [], []
     for images, _, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            probs = net(images)
-        out[idx.numpy()] = probs.float().reshape(-1).cpu().numpy()
+            probs.append(net(images).float().reshape(-1))
+        indices.append(idx)
+    out = np.full(len(loader.dataset), np.nan, dtype=np.float64)
+    if probs:
+        out[torch.cat(indices).numpy()] = torch.cat(probs).cpu().numpy()
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise FoldkitError(
@@ -106,6 +110,27 @@ def predict_probs(
             "training? try a lower lr, amp=bf16 or grad_clip)"
         )
     return out
+
+
+def eval_loader(
+    source: ImageSource,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    workers: int | None,
+    device: torch.device,
+    channels_last: bool | None = None,
+    prefetch_factor: int = 4,
+) -> DeviceLoader:
+    """The one evaluation data path (validation, OOF, test): ordered uint8 batches, no CPU transform,
+    resized and normalised on the device."""
+    ds = ImageDataset(source, [-1] * len(source))
+    loader = make_loader(
+        ds, batch_size, False, workers, seed=0, pin=device.type == "cuda", prefetch_factor=prefetch_factor
+    )
+    cl = device.type == "cuda" if channels_last is None else channels_last
+    return DeviceLoader(loader, DeviceTransform(size, mean, std, device, cl), device)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -135,20 +160,28 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> tuple[n
 
 def predict_checkpoint(
     ckpt: dict[str, Any],
-    data_dir: str | Path,
-    paths: Sequence[str],
+    data_dir: str | Path | None,
+    paths: Sequence[str] | None,
     tta: Sequence[str],
     batch_size: int,
-    workers: int,
+    workers: int | None,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     desc: str = "predict",
+    source: ImageSource | None = None,
 ) -> np.ndarray:
-    """Probabilities for ``paths`` (relative to ``data_dir``) from a loaded checkpoint, with TTA."""
+    """Probabilities from a loaded checkpoint, with TTA, for ``source`` (a store's rows) or, without
+    one, the image files ``paths`` under ``data_dir`` decoded at the size the checkpoint trained on."""
     model, cfg = model_from_checkpoint(ckpt, device)
-    transform = eval_transform(cfg.data.img_size, tuple(ckpt["mean"]), tuple(ckpt["std"]))
-    ds = ImageDataset(data_dir, paths, [-1] * len(paths), transform)
-    loader = make_loader(ds, batch_size, shuffle=False, workers=workers, seed=0, pin=device.type == "cuda")
+    if source is None:
+        if data_dir is None or paths is None:
+            raise ValueError("predict_checkpoint needs a source, or data_dir and paths")
+        size = ckpt.get("store_size") or native_size(Path(data_dir), pd.DataFrame({"path": list(paths)}))
+        source = FileSource(Path(data_dir), paths, tuple(size))
+    loader = eval_loader(
+        source, cfg.data.img_size, ckpt["mean"], ckpt["std"], batch_size, workers, device,
+        prefetch_factor=cfg.data.prefetch_factor,
+    )  # fmt: skip
     # Rounded to the precision the CSVs store, so a fresh prediction and a cached one are the same
     # numbers and can never fall on different sides of the threshold.
     return np.round(predict_probs(model, loader, device, tta, amp_dtype, desc), 8)

@@ -28,20 +28,30 @@ import timm.scheduler
 import timm.utils
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from foldkit import __version__
-from foldkit.augment import eval_transform, train_transform
+from foldkit.augment import train_transform
 from foldkit.blend import best_threshold
 from foldkit.config import RunConfig, save_config, to_dict
 from foldkit.dataset import ImageDataset, make_loader
+from foldkit.device_transforms import DeviceLoader, DeviceTransform
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 from foldkit.models import count_params, create_model, data_stats
-from foldkit.predict import autocast, file_sha256, load_checkpoint, predict_checkpoint, predict_probs
+from foldkit.predict import (
+    autocast,
+    eval_loader,
+    file_sha256,
+    load_checkpoint,
+    predict_checkpoint,
+    predict_probs,
+)
 from foldkit.report import metrics
+from foldkit.store import FileSet, Store, open_images
 
 log = logging.getLogger(__name__)
+
+_SYNC_EVERY = 25  # batches between host reads of the running loss (progress bar cadence)
 
 
 @dataclass
@@ -127,25 +137,29 @@ def _pos_weight(cfg: RunConfig, labels: np.ndarray) -> float:
 
 def _loaders(
     cfg: RunConfig,
-    data_dir: Path,
+    images: Store | FileSet,
     train_df: pd.DataFrame,
     val_df: pd.DataFrame,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    pin: bool,
-) -> tuple[DataLoader, DataLoader]:
-    """Seeded train loader (shuffled, augmented) and eval loader (ordered, resize + normalise)."""
-    size = cfg.data.img_size
+    device: torch.device,
+) -> tuple[DeviceLoader, DeviceLoader]:
+    """Seeded train loader (shuffled, augmented on the CPU in uint8) and the eval loader (ordered),
+    both resized and normalised on the device. Built once per fit: their workers persist."""
+    dc, pin = cfg.data, device.type == "cuda"
     train_ds = ImageDataset(
-        data_dir, train_df.path, train_df.label, train_transform(cfg.augment, size, mean, std, cfg.seed)
+        images.source(train_df.path.tolist()), train_df.label, train_transform(cfg.augment, cfg.seed)
     )
-    val_ds = ImageDataset(data_dir, val_df.path, val_df.label, eval_transform(size, mean, std))
-    workers = cfg.data.workers
-    train_dl = make_loader(train_ds, cfg.train.batch_size, True, workers, cfg.seed, pin, drop_last=True)
-    if len(train_dl) == 0:  # fewer images than one batch: keep the partial batch rather than none
-        train_dl = make_loader(train_ds, cfg.train.batch_size, True, workers, cfg.seed, pin)
-    val_dl = make_loader(val_ds, cfg.train.batch_size * 2, False, workers, cfg.seed, pin)
-    return train_dl, val_dl
+    train_dl = make_loader(
+        train_ds, cfg.train.batch_size, True, dc.workers, cfg.seed, pin, True, dc.prefetch_factor
+    )
+    cl = pin and cfg.train.channels_last
+    to_device = DeviceTransform(dc.img_size, mean, std, device, cl)
+    val_dl = eval_loader(
+        images.source(val_df.path.tolist()), dc.img_size, mean, std, cfg.train.batch_size * 2,
+        dc.workers, device, cl, dc.prefetch_factor,
+    )  # fmt: skip
+    return DeviceLoader(train_dl, to_device, device), val_dl
 
 
 @dataclass
@@ -166,36 +180,38 @@ class _Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def train_epoch(self, loader: DataLoader, epoch: int) -> tuple[float, float]:
-        """One pass over ``loader``; returns (mean loss, images per second)."""
-        cfg, tc = self.cfg, self.cfg.train
+    def train_epoch(self, loader: DeviceLoader, epoch: int) -> tuple[float, float]:
+        """One pass over ``loader``; returns (mean loss, images per second).
+
+        The running loss stays on the device and is read back only every ``_SYNC_EVERY`` batches
+        (for the progress bar) and at the end: a per-step ``.item()`` would stall the GPU queue.
+        """
+        tc = self.cfg.train
         self.model.train()
-        if cfg.data.workers == 0:  # workers reseed themselves in _seed_worker; the main process here
-            loader.dataset.transform.set_random_seed(cfg.seed * 1000 + epoch)
+        loader.batch_sampler.set_epoch(epoch)
         n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
-        total, seen, start = 0.0, 0, time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        seen, start = 0, time.perf_counter()
         bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for i, (images, labels, _) in enumerate(bar):
             if i >= n_batches:
                 break
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-            if self.device.type == "cuda" and tc.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             targets = labels * (1 - tc.label_smoothing) + 0.5 * tc.label_smoothing
             with autocast(self.device, self.dtype):
                 loss = self.criterion(self.model(images).float().reshape(-1), targets)
             self.scaler.scale(loss / tc.accum_steps).backward()
             if (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches:
                 self._optimizer_step()
-            total += loss.item() * len(images)
+            total += loss.detach() * len(images)
             seen += len(images)
-            rate = seen / max(1e-9, time.perf_counter() - start)
-            bar.set_postfix(
-                loss=f"{total / seen:.4f}",
-                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                img_s=f"{rate:.0f}",
-            )
-        return total / max(1, seen), seen / max(1e-9, time.perf_counter() - start)
+            if (i + 1) % _SYNC_EVERY == 0 or i + 1 == n_batches:
+                bar.set_postfix(
+                    loss=f"{total.item() / seen:.4f}",
+                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                    img_s=f"{seen / max(1e-9, time.perf_counter() - start):.0f}",
+                )
+        mean_loss = total.item() / max(1, seen)  # syncs, so the rate below counts finished work
+        return mean_loss, seen / max(1e-9, time.perf_counter() - start)
 
     def _optimizer_step(self) -> None:
         if self.cfg.train.grad_clip is not None:
@@ -216,7 +232,11 @@ def _make_trainer(
     tc = cfg.train
     if device.type == "cuda" and tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
+    # fused: one kernel for the whole update instead of a chain of multi-tensor ops (CUDA only)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = timm.optim.create_optimizer_v2(
+        model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay, **fused
+    )
     # train_epoch also steps on a partial final accumulation, hence ceil, not floor
     updates = max(1, math.ceil(steps_per_epoch / tc.accum_steps))
     warmup = min(int(updates * tc.warmup_epochs), updates * tc.epochs - 1)
@@ -238,6 +258,32 @@ def _make_trainer(
     return _Trainer(cfg, model, device, dtype, criterion, optimizer, scheduler, ema, scaler)
 
 
+def warm_up(trainer: _Trainer) -> float:
+    """One forward + backward on a dummy training batch, weights and buffers restored after; returns
+    its seconds.
+
+    With ``cudnn.benchmark`` the first step of every new shape searches for the fastest kernels and
+    CUDA loads kernels lazily: about 20 s for an EfficientNet at batch 128 on an H200, which would
+    otherwise land in epoch 1 and make its images/s meaningless. The cost is the same; it is just
+    logged apart from the epochs.
+    """
+    cfg, model, device = trainer.cfg, trainer.model, trainer.device
+    start = time.perf_counter()
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    size = cfg.data.img_size
+    x = torch.zeros(cfg.train.batch_size, 3, size, size, device=device).contiguous(memory_format=fmt)
+    model.train()
+    with autocast(device, trainer.dtype):
+        out = model(x).float().sum()
+    out.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -257,6 +303,11 @@ def _attach_log(model_dir: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("foldkit").addHandler(handler)
     return handler
+
+
+def _store_size(cfg: RunConfig) -> tuple[int, int] | None:
+    """The size the uint8 pipeline keeps images at: ``data.store_size``, or None for their native size."""
+    return None if cfg.data.store_size is None else (cfg.data.store_size, cfg.data.store_size)
 
 
 def fit_fold(
@@ -285,10 +336,14 @@ def fit_fold(
         device = resolve_device(cfg.device)
         save_config(cfg, paths.model_dir / "config.yaml")
         train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
+        images = open_images(  # before any CUDA work: the build forks decoding processes
+            data_dir, work_dir, folds_df, "trainval", cfg.data.cache, _store_size(cfg),
+            None if cfg.data.workers is None else max(1, cfg.data.workers), cfg.data.on_bad_image,
+        )  # fmt: skip
         model = create_model(cfg, backbone)
         mean, std = data_stats(model)
         model.to(device)
-        train_dl, val_dl = _loaders(cfg, data_dir, train_df, val_df, mean, std, device.type == "cuda")
+        train_dl, val_dl = _loaders(cfg, images, train_df, val_df, mean, std, device)
         steps = min(len(train_dl), cfg.train.max_train_batches or len(train_dl))
         trainer = _make_trainer(cfg, model, device, steps, _pos_weight(cfg, train_df.label.to_numpy()))
         log.info(
@@ -309,10 +364,13 @@ def fit_fold(
             "mean": list(mean),
             "std": list(std),
             "metric": cfg.train.metric,
+            "store_size": list(images.size),
             "foldkit_version": __version__,
         }
+        if device.type == "cuda":
+            log.info("warm-up (cuDNN autotuning, CUDA kernel loading): %.1f s", warm_up(trainer))
         best_epoch, best_score = _epochs(trainer, train_dl, val_dl, val_df, paths, base)
-        oof = write_oof(cfg, paths, val_df, data_dir, folds_hash, device, trainer.dtype)
+        oof = write_oof(cfg, paths, val_df, images, folds_hash, device, trainer.dtype)
     finally:
         logging.getLogger("foldkit").removeHandler(handler)
         handler.close()
@@ -328,8 +386,8 @@ def fit_fold(
 
 def _epochs(
     trainer: _Trainer,
-    train_dl: DataLoader,
-    val_dl: DataLoader,
+    train_dl: DeviceLoader,
+    val_dl: DeviceLoader,
     val_df: pd.DataFrame,
     paths: RunPaths,
     base: dict,
@@ -400,7 +458,7 @@ def write_oof(
     cfg: RunConfig,
     paths: RunPaths,
     val_df: pd.DataFrame,
-    data_dir: Path,
+    images: Store | FileSet,
     folds_hash: str,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -415,14 +473,15 @@ def write_oof(
     ckpt = load_checkpoint(best)
     probs = predict_checkpoint(
         ckpt,
-        data_dir,
-        val_df.path.tolist(),
+        None,
+        None,
         cfg.tta,
         cfg.train.batch_size * 2,
         cfg.data.workers,
         device,
         dtype,
         desc=f"oof fold {paths.fold}",
+        source=images.source(val_df.path.tolist()),
     )
     threshold, f1 = best_threshold(val_df.label.to_numpy().astype(int), probs)
     ckpt.update(threshold=float(threshold), threshold_tta=list(cfg.tta), oof_f1=float(f1))

@@ -1,0 +1,275 @@
+"""Data-path benchmarks: is the model fed as fast as it can eat?
+
+    # CPU: images/s of the eval pipeline, the old PNG path against the store + uint8 path
+    python benchmarks/run.py --quick --data-dir D --work-dir W
+
+    # GPU (one call, about five minutes): bare model step vs main.py's own loop, old vs new path
+    python benchmarks/run.py --gpu --data-dir D --work-dir W [--old-tree PATH] [--out results.json]
+
+``--quick`` prints ``store_vs_png=RATIO`` on its own line (the eval pipeline at the stored size, 112 px,
+batches ready for the model). ``--gpu`` runs, for ``tf_efficientnet_b3`` at 224 px and
+``efficientnet_b0`` at 112 px (batch 128, bf16, channels_last, ``pretrained=false``):
+
+1. the model's bare training step on random GPU tensors (forward + backward + fused AdamW): the
+   ceiling; and the same with the default recipe's extras (dropout, drop path, clipping, EMA);
+2. ``main.py --fold 0 --epochs 2`` on D as a user runs it (the store path), train images/s of
+   epoch 1 and 2 from its ``history.csv`` and the one-time warm-up from its ``train.log``; for b3
+   also a lean run without the recipe's extras (the loop against the plain ceiling);
+3. with ``--old-tree``: the same command in a checkout of the code before the uint8 path (float32
+   resized in the workers, workers re-spawned per epoch, a host sync per step).
+
+It also records the peak GPU memory of each bare step (and of ``convnext_tiny``, the default config's
+second backbone) and the store build. Results go to ``--out`` as JSON and to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing the package
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from foldkit.data import load_rgb, read_trainval  # noqa: E402
+from foldkit.store import ensure_store  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------------
+# --quick: the eval pipeline on the CPU
+# --------------------------------------------------------------------------------------------------
+
+
+class LegacyPngDataset(torch.utils.data.Dataset):
+    """The pre-store eval path, kept here only to measure against: decode the PNG in the worker,
+    resize (cv2, area/linear) and normalise to float32 CHW there."""
+
+    def __init__(self, data_dir: Path, paths: list[str], size: int) -> None:
+        import albumentations as A
+        import cv2
+
+        self.data_dir, self.paths = data_dir, paths
+        self.transform = A.Compose(
+            [
+                A.Resize(size, size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+                A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.transform(image=load_rgb(self.data_dir / self.paths[i]))["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def _rate(batches: Any, n: int) -> float:
+    start = time.perf_counter()
+    seen = sum(len(b[0] if isinstance(b, list | tuple) else b) for b in batches)
+    assert seen == n, (seen, n)
+    return n / (time.perf_counter() - start)
+
+
+def quick(args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of both eval paths at the stored size and at 224 px, same worker count."""
+    from foldkit.predict import eval_loader
+
+    index = read_trainval(args.data_dir).iloc[: args.n]
+    paths = index.path.tolist()
+    t0 = time.perf_counter()
+    store = ensure_store(args.data_dir, args.work_dir, index, "bench", workers=args.workers or None)
+    build = time.perf_counter() - t0
+    device = torch.device("cpu")
+    out: dict[str, Any] = {"images": len(paths), "workers": args.workers, "store_build_s": round(build, 2)}
+    for size in (store.size[0], 224):
+        png = torch.utils.data.DataLoader(
+            LegacyPngDataset(args.data_dir, paths, size), batch_size=256, num_workers=args.workers
+        )
+        uint8 = eval_loader(store.source(paths), size, MEAN, STD, 256, args.workers, device)
+        _rate(uint8, len(paths))  # warm the page cache and the workers once
+        out[f"png_{size}px"] = round(_rate(png, len(paths)), 1)
+        out[f"store_{size}px"] = round(_rate(uint8, len(paths)), 1)
+        png_rate, store_rate = out[f"png_{size}px"], out[f"store_{size}px"]
+        print(f"{size} px: old PNG path {png_rate:.0f} img/s, store + uint8 {store_rate:.0f} img/s")
+    out["store_vs_png"] = round(out[f"store_{store.size[0]}px"] / out[f"png_{store.size[0]}px"], 2)
+    print(f"store_vs_png={out['store_vs_png']}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# --gpu
+# --------------------------------------------------------------------------------------------------
+
+
+def bare_step(
+    backbone: str, size: int, batch: int, recipe: bool = False, steps: int = 30, warmup: int = 10
+) -> dict[str, float]:
+    """Images/s and peak memory of forward + backward + fused AdamW on GPU tensors (bf16,
+    channels_last). ``recipe``: also configs/default.yaml's training extras (dropout 0.3, drop path
+    0.2, grad clipping, EMA), so the loop's own cost can be told apart from the recipe's."""
+    import timm
+    import timm.utils
+
+    extra = {"drop_rate": 0.3, "drop_path_rate": 0.2} if recipe else {}
+    model = timm.create_model(backbone, pretrained=False, num_classes=1, **extra).cuda()
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ema = timm.utils.ModelEmaV3(model, decay=0.9995, use_warmup=True) if recipe else None
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, device="cuda") > 0.5).float()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    torch.backends.cudnn.benchmark = True
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model(x).float().reshape(-1), y)
+        loss.backward()
+        if recipe:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, step=i)
+    torch.cuda.synchronize()
+    rate = steps * batch / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, x, ema
+    torch.cuda.empty_cache()
+    return {"img_s": round(rate, 1), "peak_gib": round(peak, 2)}
+
+
+def main_py_run(
+    tree: Path, args: argparse.Namespace, backbone: str, size: int, tag: str, extra: list[str]
+) -> dict:
+    """``main.py --fold 0 --epochs 2`` in ``tree`` on the benchmark data; epoch rates from history.csv."""
+    work = Path(args.work_dir) / tag
+    cmd = [
+        sys.executable, str(tree / "main.py"), "--config", "configs/default.yaml",
+        "--data-dir", str(args.data_dir), "--work-dir", str(work), "--fold", "0", "--epochs", "2",
+        "--backbones", backbone, "--img-size", str(size), "--batch", str(args.batch),
+        "--workers", str(os.cpu_count()), "--set", "pretrained=false", "--set", "data.near_dup=false", *extra,
+    ]  # fmt: skip
+    pythonpath = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+        return {"error": proc.returncode, "wall_s": round(wall, 1)}
+    history = next(work.glob("models/*/*/fold0/history.csv")).read_text().splitlines()
+    header = history[0].split(",")
+    rates = [float(row.split(",")[header.index("img_s")]) for row in history[1:]]
+    result = {"epoch1_img_s": rates[0], "epoch2_img_s": rates[1], "wall_s": round(wall, 1)}
+    log = next(work.glob("models/*/*/fold0/train.log")).read_text()
+    if (m := re.search(r"warm-up .*?: ([\d.]+) s", log)) is not None:
+        result["warmup_s"] = float(m.group(1))
+    return result
+
+
+def _save(result: dict, path: Path | None) -> None:
+    """Write what is measured so far: a run cut short by a time limit still leaves its figures."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _ratios(run: dict, ceiling: float, recipe_ceiling: float) -> dict:
+    if "epoch2_img_s" in run:
+        run["of_ceiling"] = round(run["epoch2_img_s"] / ceiling, 3)
+        run["of_recipe_ceiling"] = round(run["epoch2_img_s"] / recipe_ceiling, 3)
+        run["epoch2_over_epoch1"] = round(run["epoch2_img_s"] / run["epoch1_img_s"], 3)
+    return run
+
+
+def gpu(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the data-path issue asks to measure on a GPU, in one call."""
+    out: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
+    print(out, flush=True)
+    cases = [("tf_efficientnet_b3", 224), ("efficientnet_b0", 112)]
+    for backbone, size in cases:
+        for recipe in (False, True):
+            key = f"bare{'+recipe' if recipe else ''} {backbone} {size}"
+            out[key] = bare_step(backbone, size, args.batch, recipe)
+            print(key, out[key], flush=True)
+            _save(out, args.out)
+    if args.convnext:
+        out["bare convnext_tiny 224"] = bare_step("convnext_tiny", 224, args.batch)
+    start = time.perf_counter()
+    lean = ["--set", "train.ema=false", "--set", "train.grad_clip=null"]
+    lean += ["--set", "train.drop_rate=null", "--set", "train.drop_path_rate=null"]
+    runs = [("new", ROOT, b, s, []) for b, s in cases] + [("lean", ROOT, *cases[0], lean)]
+    runs += [("old", Path(args.old_tree).resolve(), b, s, []) for b, s in cases] if args.old_tree else []
+    for tag, tree, backbone, size, extra in runs:
+        if tag == "old" and time.perf_counter() - start > args.budget:
+            print(f"skipping {tag} {backbone}: over --budget", flush=True)
+            continue
+        key = f"{backbone} {size}"
+        run = main_py_run(tree, args, backbone, size, f"{tag}-{backbone}", extra)
+        out[f"{tag} {key}"] = _ratios(run, out[f"bare {key}"]["img_s"], out[f"bare+recipe {key}"]["img_s"])
+        print(tag, key, out[f"{tag} {key}"], flush=True)
+        _save(out, args.out)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--quick", action="store_true", help="CPU: eval pipeline, old PNG path vs store + uint8"
+    )
+    mode.add_argument("--gpu", action="store_true", help="GPU: bare step vs main.py's loop, old vs new")
+    p.add_argument(
+        "--data-dir", type=Path, required=True, help="data in the seed's layout (foldkit.synthetic)"
+    )
+    p.add_argument("--work-dir", type=Path, required=True, help="scratch folder for stores and runs")
+    p.add_argument("--n", type=int, default=3000, help="--quick: images to read")
+    p.add_argument("--workers", type=int, default=0, help="--quick: DataLoader workers for both paths")
+    p.add_argument("--batch", type=int, default=128, help="--gpu: batch size")
+    p.add_argument("--old-tree", type=Path, default=None, help="--gpu: a checkout of the pre-store code")
+    p.add_argument(
+        "--convnext", action="store_true", help="--gpu: also the bare step of convnext_tiny at 224 px"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=240,
+        help="--gpu: seconds of main.py runs before the old path is skipped",
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = quick(args) if args.quick else gpu(args)
+    _save(result, args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""The decoded-image store: every image decoded once into a uint8 memmap, reused by every run.
+
+    python -m foldkit.store --data-dir data --work-dir . --img-size 112
+
+Decoding a PNG costs more than augmenting it, and a K-fold ensemble reads every image
+``folds x backbones x epochs`` times. The store decodes each image once, in parallel, into
+``<work-dir>/store/<split>-<H>x<W>/images.u8``: a raw ``(N, H, W, 3)`` uint8 array that workers read
+through ``np.memmap`` (the page cache shares it between processes, nothing is copied up front).
+
+Files of one store (written to temporary names, then moved into place; ``store.json`` last)::
+
+    images.u8     N*H*W*3 bytes, row i = the i-th path of index.csv, RGB
+    index.csv     path (relative to the data folder), one per row
+    store.json    n, height, width, key, build time
+
+The ``key`` hashes the split's label files and every image's path, size and modification time, plus
+the store's pixel size: a changed label file, an added, removed or replaced image, or another size
+rebuilds the store; anything else reuses it. Images of another size than the store's are resized on
+the way in (area when shrinking, linear when enlarging, as the device-side resize does).
+
+A truncated, empty or undecodable image, or one with an absurd size, stops the build with every such
+file named with its label-file line (exit status 2), before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.data import DataError, label_file, read_test, read_trainval
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+#: A side longer than this is not a face crop: a corrupt header or a wrong file in the folder.
+MAX_SIDE = 4096
+_CHUNK = 256  # images per worker task: small enough for a smooth progress bar, large enough to amortise IPC
+
+
+def store_dir(work_dir: Path, split: str, size: tuple[int, int]) -> Path:
+    """``<work-dir>/store/<split>-<H>x<W>``: one store per split group and pixel size."""
+    return Path(work_dir) / "store" / f"{split}-{size[0]}x{size[1]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding one image (also the file-based path when the store is off)
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Fully decode one image as HxWx3 uint8 RGB; raise ``ValueError`` saying what is wrong with it.
+
+    ``Image.load()`` forces the whole file to be read, so a truncated PNG fails here (PIL's
+    LOAD_TRUNCATED_IMAGES stays off) instead of silently yielding a half-grey face.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise ValueError("empty file (0 bytes)")
+        with Image.open(path) as im:
+            w, h = im.size
+            if max(w, h) > MAX_SIDE or min(w, h) < 1:
+                raise ValueError(f"absurd image size {w}x{h} (a side over {MAX_SIDE} px)")
+            im.load()
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            rgb = im.convert("RGB") if im.mode != "RGB" else im
+            return np.asarray(rgb, dtype=np.uint8)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's ways of saying "bad file"
+        raise ValueError(f"cannot decode image: {exc}") from exc
+
+
+def fit_size(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at ``size`` (H, W): area averaging when shrinking, linear when enlarging."""
+    h, w = image.shape[:2]
+    if (h, w) == tuple(size):
+        return image
+    shrink = size[0] * size[1] < h * w
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (size[1], size[0]), interpolation=interp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------
+
+_worker_state: dict = {}
+
+
+def _init_worker(data_path: str, root: str, size: tuple[int, int]) -> None:
+    _worker_state.update(fd=os.open(data_path, os.O_WRONLY), root=root, size=size)
+
+
+def _decode_rows(task: tuple[int, list[str]]) -> list[tuple[int, str]]:
+    """Decode a chunk of images and write each at its row's offset; return ``(row, problem)`` pairs.
+
+    ``os.pwrite`` rather than a writable memmap: the worker holds one image at a time, so memory stays
+    flat however large the store is.
+    """
+    start, paths = task
+    size = _worker_state["size"]
+    row_bytes = size[0] * size[1] * 3
+    problems = []
+    for offset, rel in enumerate(paths):
+        try:
+            image = np.ascontiguousarray(fit_size(decode_image(Path(_worker_state["root"]) / rel), size))
+        except ValueError as exc:
+            problems.append((start + offset, str(exc)))
+            continue
+        os.pwrite(_worker_state["fd"], image.tobytes(), (start + offset) * row_bytes)
+    return problems
+
+
+def _fill(
+    data_path: Path, data_dir: Path, paths: Sequence[str], size: tuple[int, int], workers: int, desc: str
+):
+    """Decode ``paths`` into the preallocated file at ``data_path`` with ``workers`` processes."""
+    tasks = [(i, list(paths[i : i + _CHUNK])) for i in range(0, len(paths), _CHUNK)]
+    init = (str(data_path), str(data_dir), size)
+    problems: list[tuple[int, str]] = []
+    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, disable=len(paths) < 2000)
+    if workers <= 1 or len(tasks) == 1:
+        _init_worker(*init)
+        try:
+            for task in tasks:
+                problems += _decode_rows(task)
+                bar.update(len(task[1]))
+        finally:
+            os.close(_worker_state.pop("fd"))
+    else:
+        with multiprocessing.get_context("fork").Pool(workers, _init_worker, init) as pool:
+            for task, found in zip(tasks, pool.imap(_decode_rows, tasks), strict=True):
+                problems += found
+                bar.update(len(task[1]))
+    bar.close()
+    return problems
+
+
+def label_lines(data_dir: Path, phase: str) -> dict[str, int]:
+    """Name -> line number in the split's label file (for error messages only)."""
+    path = label_file(data_dir, phase)
+    lines: dict[str, int] = {}
+    if path.is_file():
+        for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            fields = raw.split()
+            if fields:
+                lines.setdefault(fields[0], lineno)
+    return lines
+
+
+def describe_bad(data_dir: Path, index: pd.DataFrame, problems: Sequence[tuple[int, str]]) -> list[str]:
+    """``data/train/x.png (train/train_label.txt:12): problem`` for each bad row."""
+    lines = {phase: label_lines(data_dir, phase) for phase in index["source"].unique()}
+    out = []
+    for row, problem in problems:
+        name, rel, phase = index["name"].iat[row], index["path"].iat[row], index["source"].iat[row]
+        where = f"{label_file(data_dir, phase)}:{lines[phase][name]}" if name in lines[phase] else "listed"
+        out.append(f"{Path(data_dir) / rel} ({where}): {problem}")
+    return out
+
+
+def store_key(data_dir: Path, index: pd.DataFrame, size: tuple[int, int]) -> str:
+    """sha256 of the label files, every image's path, size and mtime, and the store's pixel size."""
+    h = hashlib.sha256(f"foldkit-store-v{STORE_VERSION} {size[0]}x{size[1]}\n".encode())
+    for phase in index["source"].unique():
+        path = label_file(data_dir, phase)
+        h.update(path.read_bytes() if path.is_file() else f"no {path.name}".encode())
+    root = Path(data_dir)
+    for rel in index["path"].tolist():
+        try:
+            st = os.stat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{rel}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def native_size(data_dir: Path, index: pd.DataFrame, sample: int = 200) -> tuple[int, int]:
+    """The most common (H, W) among up to ``sample`` evenly spaced images (headers only)."""
+    rows = np.unique(np.linspace(0, len(index) - 1, min(sample, len(index))).round().astype(np.int64))
+    sizes: dict[tuple[int, int], int] = {}
+    for rel in index["path"].to_numpy()[rows]:
+        try:
+            with Image.open(Path(data_dir) / rel) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError):
+            continue  # the build names it with its label-file line
+        if 0 < max(w, h) <= MAX_SIDE:
+            sizes[(h, w)] = sizes.get((h, w), 0) + 1
+    if not sizes:
+        raise FoldkitError(f"none of {len(rows)} sampled images under {data_dir} could be opened")
+    return max(sizes, key=lambda s: (sizes[s], s))
+
+
+@dataclass
+class Store:
+    """An opened store: its folder, metadata and the row of each image path."""
+
+    path: Path
+    meta: dict
+    paths: list[str]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.meta["n"], self.meta["height"], self.meta["width"], 3)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.meta["height"], self.meta["width"])
+
+    @property
+    def bad(self) -> set[str]:
+        """Paths that could not be decoded (only with ``on_bad_image: skip``; their rows are black)."""
+        return set(self.meta.get("bad", {}))
+
+    def rows_of(self, paths: Sequence[str]) -> np.ndarray:
+        """Store rows of ``paths`` (relative to the data folder); every path must be in the store."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        missing = [p for p in paths if p not in where]
+        if missing:
+            raise FoldkitError(f"{len(missing)} images are not in the store {self.path} (e.g. {missing[0]})")
+        return np.fromiter((where[p] for p in paths), dtype=np.int64, count=len(paths))
+
+    def source(self, paths: Sequence[str]) -> StoreSource:
+        """A source reading ``paths`` (in that order) from this store."""
+        return StoreSource(self.path / "images.u8", self.shape, self.rows_of(paths))
+
+
+def _open(folder: Path) -> Store | None:
+    try:
+        meta = json.loads((folder / "store.json").read_text(encoding="utf-8"))
+        paths = pd.read_csv(folder / "index.csv", dtype={"path": str}, na_filter=False)["path"].tolist()
+        size = (folder / "images.u8").stat().st_size
+    except (OSError, ValueError, KeyError):
+        return None
+    if meta.get("n") != len(paths) or size != len(paths) * meta["height"] * meta["width"] * 3:
+        return None
+    return Store(folder, meta, paths)
+
+
+def ensure_store(
+    data_dir: Path,
+    work_dir: Path,
+    index: pd.DataFrame,
+    split: str,
+    size: tuple[int, int] | None = None,
+    workers: int | None = None,
+    on_bad_image: str = "error",
+) -> Store:
+    """Open the store of ``index``'s images if it is current, else (re)build it; see the module doc."""
+    size = tuple(size) if size else native_size(data_dir, index)
+    folder = store_dir(work_dir, split, size)
+    key = store_key(data_dir, index, size)
+    old = _open(folder)
+    if old is not None and old.meta.get("key") == key and old.paths == index["path"].tolist():
+        log.info("reusing the image store %s (%d images)", folder, old.meta["n"])
+        return old
+    reason = "none yet" if old is None else "the data changed since it was built"
+    log.info("building the image store %s (%s): %d images at %dx%d", folder, reason, len(index), *size)
+    return _build(data_dir, folder, index, size, key, workers, on_bad_image)
+
+
+def _build(
+    data_dir: Path,
+    folder: Path,
+    index: pd.DataFrame,
+    size: tuple[int, int],
+    key: str,
+    workers: int | None,
+    on_bad_image: str,
+) -> Store:
+    """Decode everything into a temporary file, then move the files into place (store.json last)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
+    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    start = time.perf_counter()
+    with atomic_path(folder / "images.u8") as tmp:
+        with open(tmp, "wb") as fh:
+            fh.truncate(len(index) * size[0] * size[1] * 3)  # sparse until written
+        problems = _fill(tmp, data_dir, index["path"].tolist(), size, workers, f"store {folder.name}")
+        if problems and on_bad_image != "skip":
+            raise DataError(
+                [*describe_bad(data_dir, index, problems), "(set data.on_bad_image: skip to leave them out)"]
+            )
+        atomic_write_text(folder / "index.csv", index[["path"]].to_csv(index=False, lineterminator="\n"))
+    seconds = time.perf_counter() - start
+    paths = index["path"].to_numpy()
+    bad = {str(paths[row]): problem for row, problem in problems}
+    for line in describe_bad(data_dir, index, problems)[:20]:
+        log.warning("skipping unreadable image %s", line)
+    meta = {
+        "version": STORE_VERSION,
+        "n": len(index),
+        "height": size[0],
+        "width": size[1],
+        "key": key,
+        "bad": bad,
+        "build_seconds": round(seconds, 2),
+        "images_per_second": round(len(index) / max(seconds, 1e-9), 1),
+    }
+    atomic_write_text(folder / "store.json", json.dumps(meta, indent=2) + "\n")
+    log.info("built %s in %.1f s (%.0f images/s)", folder, seconds, meta["images_per_second"])
+    return Store(folder, meta, index["path"].tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: what a Dataset reads images from
+# --------------------------------------------------------------------------------------------------
+
+
+class StoreSource:
+    """Rows of a store, read through a memmap that each process opens lazily.
+
+    The memmap is dropped when pickled (a pickled memmap becomes a full in-memory copy), so worker
+    processes started with spawn or forkserver map the file themselves.
+    """
+
+    def __init__(self, data_path: Path, shape: tuple[int, ...], rows: np.ndarray) -> None:
+        self.data_path, self.shape, self.rows = Path(data_path), tuple(shape), np.asarray(rows)
+        self._images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=self.shape)
+        return self._images
+
+    def read(self, i: int) -> np.ndarray:
+        """Image ``i`` as a writable HxWx3 uint8 array (a copy: augmentations may work in place)."""
+        return np.array(self.images[self.rows[i]])
+
+    def read_many(self, idx: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Images ``idx`` as one (B, H, W, 3) array, gathered in one call (into ``out`` if given)."""
+        return np.take(self.images, self.rows[np.asarray(idx)], axis=0, out=out)
+
+
+class FileSource:
+    """Image files decoded on every read (``data.cache: false``): the same pixels the store holds."""
+
+    def __init__(self, data_dir: Path, paths: Sequence[str], size: tuple[int, int]) -> None:
+        self.data_dir, self.paths, self.size = Path(data_dir), list(paths), tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> np.ndarray:
+        path = self.data_dir / self.paths[i]
+        try:
+            return fit_size(decode_image(path), self.size)
+        except ValueError as exc:
+            raise FoldkitError(f"{path}: {exc}") from exc
+
+    def read_many(self, idx: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        return np.stack([self.read(int(i)) for i in idx], out=out)
+
+
+class FileSet:
+    """The image files themselves at one size (``data.cache: false``); quacks like ``Store.source``."""
+
+    def __init__(self, data_dir: Path, size: tuple[int, int]) -> None:
+        self.data_dir, self.size = Path(data_dir), tuple(size)
+
+    def source(self, paths: Sequence[str]) -> FileSource:
+        return FileSource(self.data_dir, paths, self.size)
+
+
+def open_images(
+    data_dir: Path,
+    work_dir: Path,
+    index: pd.DataFrame,
+    split: str,
+    cache: bool,
+    size: tuple[int, int] | None = None,
+    workers: int | None = None,
+    on_bad_image: str = "error",
+) -> Store | FileSet:
+    """The images of ``index``: its store (built or reused) when ``cache``, else the files."""
+    if cache:
+        return ensure_store(data_dir, work_dir, index, split, size, workers, on_bad_image)
+    return FileSet(data_dir, tuple(size) if size else native_size(data_dir, index))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m foldkit.store",
+        description="Decode every train, validate and test image once into the uint8 memmap store.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_path_args(parser)
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="side the store keeps images at (default: their native size)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: one per core)"
+    )
+    parser.add_argument(
+        "--on-bad-image",
+        choices=("error", "skip"),
+        default="error",
+        help="stop on an unreadable image, or skip it",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parse_args(argv)
+    setup_logging(args.verbose)
+    size = (args.img_size, args.img_size) if args.img_size else None
+    splits = [("trainval", read_trainval(args.data_dir))]
+    if (args.data_dir / "test").is_dir():
+        splits.append(("test", read_test(args.data_dir)))
+    for split, index in splits:
+        start = time.perf_counter()
+        store = ensure_store(
+            args.data_dir, args.work_dir, index, split, size, args.workers, args.on_bad_image
+        )
+        seconds = time.perf_counter() - start
+        n, h, w, _ = store.shape
+        gib = n * h * w * 3 / 2**30
+        print(
+            f"{split}: {n} images at {h}x{w}, {gib:.2f} GiB, {n / max(seconds, 1e-9):.0f} images/s "
+            f"({seconds:.1f} s), bad {len(store.bad)}: {store.path}"
+        )
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    print(f"peak memory of one process: {peak / 1024:.0f} MiB")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 on bad input)."""
+    return run(_main, None if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

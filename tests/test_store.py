@@ -1,0 +1,265 @@
+"""The decoded-image store and the uint8 data path: build, reuse, rebuild, bad images, same pixels."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from foldkit import store as store_mod
+from foldkit.data import DataError, load_rgb, read_test, read_trainval
+from foldkit.dataset import EpochBatchSampler, ImageDataset, make_loader
+from foldkit.device_transforms import DeviceLoader, DeviceTransform
+from foldkit.predict import eval_loader
+from foldkit.store import FileSource, StoreSource, ensure_store, main
+
+
+@pytest.fixture
+def data(tiny_data: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny data set (tests here change images)."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+def test_build_holds_exactly_the_decoded_pixels(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    store = ensure_store(data, tmp_path / "w", index, "trainval", workers=2)
+    assert store.path == tmp_path / "w/store/trainval-32x32"
+    assert {p.name for p in store.path.iterdir()} == {"images.u8", "index.csv", "store.json"}
+    assert store.shape == (len(index), 32, 32, 3) and store.bad == set()
+    assert (store.path / "images.u8").stat().st_size == len(index) * 32 * 32 * 3
+    src = store.source(index.path.tolist()[::-1])  # any order of paths maps to the right rows
+    for i, rel in enumerate(index.path.tolist()[::-1]):
+        np.testing.assert_array_equal(src.read(i), load_rgb(data / rel))
+
+
+def test_parallel_and_serial_builds_are_byte_identical(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    a = ensure_store(data, tmp_path / "a", index, "trainval", workers=1)
+    b = ensure_store(data, tmp_path / "b", index, "trainval", workers=2)
+    assert (a.path / "images.u8").read_bytes() == (b.path / "images.u8").read_bytes()
+
+
+def test_reused_when_nothing_changed(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = read_trainval(data)
+    first = ensure_store(data, tmp_path, index, "trainval")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the store was rebuilt although nothing changed")
+
+    monkeypatch.setattr(store_mod, "_fill", fail)
+    again = ensure_store(data, tmp_path, index, "trainval")
+    assert again.meta["key"] == first.meta["key"]
+
+
+def test_rebuilt_when_an_image_is_replaced(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    first = ensure_store(data, tmp_path, index, "trainval")
+    target = data / index.path[3]
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))  # a new mtime whatever the clock's resolution
+    second = ensure_store(data, tmp_path, index, "trainval")
+    assert second.meta["key"] != first.meta["key"]
+    assert (second.source([index.path[3]]).read(0) == 200).all()
+
+
+def test_rebuilt_when_a_label_file_changes(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    first = ensure_store(data, tmp_path, index, "trainval")
+    label_path = data / "train/train_label.txt"
+    lines = label_path.read_text().splitlines()
+    name, label = lines[0].split()
+    lines[0] = f"{name} {1 - int(label)}"
+    label_path.write_text("\n".join(lines) + "\n")
+    assert ensure_store(data, tmp_path, read_trainval(data), "trainval").meta["key"] != first.meta["key"]
+
+
+def test_rebuilt_at_another_size(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    small = ensure_store(data, tmp_path, index, "trainval")
+    big = ensure_store(data, tmp_path, index, "trainval", size=(48, 48))
+    assert big.path != small.path and big.shape[1:3] == (48, 48)
+
+
+def _break_images(data: Path) -> dict[str, str]:
+    """Four kinds of bad file in the train split; returns {file name: expected problem text}."""
+    lines = (data / "train/train_label.txt").read_text().split("\n")
+    names = [line.split()[0] for line in lines[:4]]
+    paths = [data / "train" / n for n in names]
+    raw = paths[0].read_bytes()
+    paths[0].write_bytes(raw[: len(raw) // 2])  # truncated PNG
+    paths[1].write_bytes(b"")  # zero bytes
+    paths[2].write_bytes(b"just some text, not an image\n")
+    Image.new("RGB", (5000, 2)).save(paths[3])  # absurd size
+    return {
+        names[0]: "cannot decode image",
+        names[1]: "empty file",
+        names[2]: "cannot decode image",
+        names[3]: "absurd image size 5000x2",
+    }
+
+
+def test_bad_images_are_all_named_with_their_label_line(data: Path, tmp_path: Path) -> None:
+    expected = _break_images(data)
+    index = read_trainval(data)
+    with pytest.raises(DataError) as err:
+        ensure_store(data, tmp_path, index, "trainval", workers=2)
+    text = str(err.value)
+    for lineno, (name, problem) in enumerate(expected.items(), start=1):
+        line = next(s for s in text.splitlines() if name in s)
+        assert f"train_label.txt:{lineno})" in line and problem in line
+    assert not list((tmp_path / "store").rglob("store.json")), "a failed build must not look current"
+    assert not list((tmp_path / "store").rglob("images.u8*")), "no partial store file is left behind"
+
+
+def test_bad_images_cli_exit_2_and_skip_mode(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    expected = _break_images(data)
+    assert main(["--data-dir", str(data), "--work-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in expected)
+    assert main(["--data-dir", str(data), "--work-dir", str(tmp_path), "--on-bad-image", "skip"]) == 0
+    store = ensure_store(data, tmp_path, read_trainval(data), "trainval", on_bad_image="skip")
+    assert {Path(p).name for p in store.bad} == set(expected)
+
+
+def test_cli_builds_every_split_and_reports(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["--data-dir", str(data), "--work-dir", str(tmp_path), "--img-size", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "trainval: 40 images at 40x40" in out and "test: 12 images at 40x40" in out
+    assert "images/s" in out and "GiB" in out and str(tmp_path / "store/test-40x40") in out
+    assert len(read_test(data)) == 12
+
+
+def test_store_source_pickles_without_its_pixels(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    src = ensure_store(data, tmp_path, index, "trainval").source(index.path.tolist())
+    first = src.read(0)
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone._images is None and len(pickle.dumps(src)) < 4096
+    np.testing.assert_array_equal(clone.read(0), first)
+
+
+def test_store_and_files_give_the_same_batches(data: Path, tmp_path: Path) -> None:
+    """The uint8 path from the store equals the uint8 path from the PNG files, batch for batch."""
+    index = read_trainval(data)
+    paths = index.path.tolist()
+    from_store = ensure_store(data, tmp_path, index, "trainval").source(paths)
+    from_files = FileSource(data, paths, (32, 32))
+    device = torch.device("cpu")
+    outs = []
+    for src in (from_store, from_files):
+        dl = eval_loader(src, 48, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 16, 0, device)
+        outs.append(torch.cat([x for x, _, _ in dl]))
+    assert outs[0].shape == (len(paths), 3, 48, 48)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_device_transform_resizes_and_normalises() -> None:
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    same = DeviceTransform(8, mean, std, torch.device("cpu"))(images)
+    ref = (images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-5)
+    assert same.is_contiguous()
+    half = DeviceTransform(4, mean, std, torch.device("cpu"))(images)  # shrinking by 2: area = 2x2 mean
+    pooled = torch.nn.functional.avg_pool2d(ref, 2)
+    torch.testing.assert_close(half, pooled, rtol=1e-5, atol=1e-5)
+    big = DeviceTransform(16, mean, std, torch.device("cpu"), channels_last=True)(images)
+    assert big.shape == (2, 3, 16, 16) and big.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="uint8"):
+        DeviceTransform(8, mean, std, torch.device("cpu"))(images.float())
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch() -> None:
+    s = EpochBatchSampler(10, 4, shuffle=True, seed=7)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert [len(b) for b in e1] == [4, 4, 2]
+    assert sorted(i for b in e1 for i, _ in b) == list(range(10))
+    s.set_epoch(1)
+    assert list(s) == e1
+    s.set_epoch(2)
+    assert list(s) != e1
+    s.set_epoch(1, start_batch=1)
+    assert list(s) == e1[1:]  # a resumed epoch continues with the very next batch
+    assert len(EpochBatchSampler(10, 4, True, 7, drop_last=True)) == 2
+    assert all(len({seed for _, seed in b}) == 1 for b in e1)  # one seed per batch
+
+
+def _augmented_epoch(data: Path, workers: int, epoch: int) -> torch.Tensor:
+    from foldkit.augment import train_transform
+    from foldkit.config import AugmentConfig
+
+    index = read_trainval(data)
+    src = FileSource(data, index.path.tolist(), (32, 32))
+    ds = ImageDataset(src, index.label, train_transform(AugmentConfig(affine=1.0, dropout=1.0), seed=3))
+    dl = make_loader(ds, 8, shuffle=True, workers=workers, seed=5)
+    assert dl.persistent_workers == (workers > 0)
+    dl.batch_sampler.set_epoch(epoch)
+    batches = [
+        x
+        for x, _, _ in DeviceLoader(
+            dl, DeviceTransform(32, (0,) * 3, (1,) * 3, torch.device("cpu")), torch.device("cpu")
+        )
+    ]
+    return torch.cat(batches)
+
+
+def test_augmented_batches_do_not_depend_on_workers(data: Path) -> None:
+    main_process = _augmented_epoch(data, 0, epoch=2)
+    assert torch.equal(main_process, _augmented_epoch(data, 2, epoch=2))
+    assert not torch.equal(main_process, _augmented_epoch(data, 0, epoch=3))
+
+
+def test_uint8_items_on_the_wire(data: Path, tmp_path: Path) -> None:
+    index = read_trainval(data)
+    src = ensure_store(data, tmp_path, index, "trainval").source(index.path.tolist())
+    image, label, i = ImageDataset(src, index.label)[(5, 0)]
+    assert image.dtype == torch.uint8 and image.shape == (32, 32, 3) and i == 5
+    assert label.item() == index.label[5]
+    frame = pd.DataFrame({"path": index.path})
+    assert store_mod.native_size(data, frame) == (32, 32)
+    assert isinstance(src, StoreSource)
+
+
+def test_store_and_png_paths_give_the_same_oof(tiny_data: Path, trained: Path, tmp_path: Path) -> None:
+    """Training from the store and from the PNG files (data.cache=false) are the same run on CPU."""
+    from conftest import train_tiny
+
+    args = ("--model", "test_efficientnet", "--fold", "0", "--set", "data.cache=false")
+    assert train_tiny(tiny_data, tmp_path, *args) == 0
+    assert not (tmp_path / "store").exists()
+    oof = "oof/demo/test_efficientnet/fold0.csv"
+    assert (tmp_path / oof).read_bytes() == (trained / oof).read_bytes()
+
+
+def test_warm_up_leaves_weights_buffers_and_grads_untouched() -> None:
+    """The GPU warm-up step runs forward + backward but must not train: everything is restored."""
+    import timm
+
+    from foldkit.config import RunConfig
+    from foldkit.train import _make_trainer, warm_up
+
+    cfg = RunConfig(backbones=["test_resnet"], pretrained=False, device="cpu")
+    cfg.data.img_size, cfg.train.batch_size = 32, 4
+    model = timm.create_model("test_resnet", num_classes=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _make_trainer(cfg, model, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0)
+    assert warm_up(trainer) > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
+    assert all(p.grad is None for p in model.parameters())
