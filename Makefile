@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.foldkit-installed
 # overwrites the folds of a real run in the project folder.
 DEMO_DATA ?= data/demo
 DEMO_WORK ?= demo
-DEMO_N    ?= 2000
+# DEMO_TRAINVAL images split 3/4 train + 1/4 validate, plus a test set of DEMO_TRAINVAL/4:
+# 1500 + 500 + 500 = 2500 images by default.
+DEMO_TRAINVAL ?= 2000
 
 .PHONY: install demo test lint format clean-demo
 
@@ -22,8 +24,8 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m foldkit.synthetic --out $(DEMO_DATA) --n-train $$(( $(DEMO_N) * 3 / 4 )) \
-		--n-validate $$(( $(DEMO_N) / 4 )) --n-test $$(( $(DEMO_N) / 4 )) --seed 0
+	$(PY) -m foldkit.synthetic --out $(DEMO_DATA) --n-train $$(( $(DEMO_TRAINVAL) * 3 / 4 )) \
+		--n-validate $$(( $(DEMO_TRAINVAL) / 4 )) --n-test $$(( $(DEMO_TRAINVAL) / 4 )) --seed 0
 	$(PY) main.py --config configs/demo.yaml --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK) --fold all
 	$(PY) ensemble.py --mode test --exp demo --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK)
 	@echo

@@ -15,16 +15,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from foldkit.blend import METHODS
-from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
 from foldkit.config import TTA_NAMES
+from foldkit.io import FoldkitError
+
+#: foldkit.blend.METHODS, spelled out so that --help needs neither scipy nor torch (a test keeps the
+#: two equal): every heavy module is imported after the arguments are read.
+BLEND_METHODS = ("mean", "rank", "logit", "weighted")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option of ensemble.py, with its default in --help."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--mode",
         choices=("val", "test"),
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp", default="default", help="experiment(s) to blend, comma-separated")
     p.add_argument(
         "--blend",
-        choices=("auto", *METHODS),
+        choices=("auto", *BLEND_METHODS),
         default="auto",
         help="blend method; auto picks the best nested-CV F1",
     )
@@ -74,23 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
         dest="prediction_file",
         type=Path,
         default=None,
-        help="test mode: also write a copy of prediction.txt here",
+        help="test mode: also write a copy of prediction.txt here (default: no copy)",
     )
     p.add_argument("--device", default="auto", help="inference device for test predictions")
     p.add_argument("--batch", type=int, default=256, help="inference batch size")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for inference")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers for inference (default: one per CPU core)",
+    )
+    p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
     return p
+
+
+def tta_names(text: str) -> list[str]:
+    """``--tta hflip,vflip`` -> checked names, before torch is imported (the same check as
+    foldkit.predict.parse_tta, which needs ttach)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TTA_NAMES]
+    if unknown:
+        raise FoldkitError(f"unknown TTA {unknown}; choose from {', '.join(TTA_NAMES)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     """Fit the ensemble on OOF (and write the report); in test mode also write the submission."""
-    from foldkit.ensemble import Options, fit, predict_test
-    from foldkit.predict import parse_tta
-
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    tta = None if args.tta is None else parse_tta(args.tta)
+    tta = None if args.tta is None else tta_names(args.tta)
+    from foldkit.ensemble import Options, fit, predict_test  # after the arguments: loads pandas
+
     exps = [e.strip() for e in args.exp.split(",") if e.strip()]
     opts = Options(
         args.data_dir,

@@ -16,27 +16,34 @@ import argparse
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from foldkit import PROJECT_ROOT
-from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
 from foldkit.io import FoldkitError
 
+if TYPE_CHECKING:  # torch and timm load only after the arguments are read: --help answers at once
+    from torch import nn
+
 log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
+_MAX_LISTED = 20
+_NONE_MEANS = {"data.workers": "one per CPU core"}  # what a shortcut's null code default does
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except the shortcuts' None (their help text states the real default)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
+def _code_default(key: str) -> object:
+    """A config key's code default as --help shows it (a null says what it means)."""
+    value = get_key(_DEFAULTS, key)
+    return _NONE_MEANS.get(key, "null") if value is None else value
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option of main.py, with its default in --help."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--config", default="configs/default.yaml", help="YAML config (relative: cwd, then project)"
     )
@@ -44,16 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp", default=None, help="experiment name (default: the config file's stem)")
     p.add_argument("--fold", default="all", help="folds to train: 0 | 0,2 | 0..4 | all")
     p.add_argument(
-        "--backbones", default=None, help="comma-separated timm names, replacing the config's list"
+        "--backbones",
+        default=None,
+        help="comma-separated timm names, replacing the config's list (default: the config's list)",
     )
-    p.add_argument("--model", default=None, help="train only this backbone of the list")
+    p.add_argument(
+        "--model", default=None, help="train only this backbone of the list (default: every backbone)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (dotted, YAML-typed), repeatable: --set train.ema=false",
+        help="override a config key (dotted, YAML-typed), repeatable: --set train.ema=false (default: none)",
     )
     for name, key in SHORTCUTS.items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])  # --img-size first
@@ -61,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             *flags,
             dest=name,
             default=None,
-            help=f"shortcut for {key} (code default: "
-            f"{get_key(_DEFAULTS, key)}; the config's value when not given)",
+            help=f"shortcut for {key} (code default: {_code_default(key)}; the config's value when "
+            "not given)",
         )
     p.add_argument("--refold", action="store_true", help="rebuild folds/folds.csv even if it matches")
     p.add_argument(
@@ -76,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-name",
         dest="model_name",
         default=None,
-        help="test mode: a checkpoint written by foldkit (best.pt, last.pt or a copy like 1.pth)",
+        help="test mode: a checkpoint written by foldkit (best.pt, last.pt or a copy like 1.pth); "
+        "no default, --mode test requires it",
     )
     p.add_argument(
         "--prediction_file",
@@ -94,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", default=None, help="test mode: TTA (none, hflip, d4, ...; default: the checkpoint's)"
     )
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
     return p
 
 
@@ -140,20 +152,10 @@ def guard_refold(work_dir: Path, cfg: RunConfig, refold: bool) -> None:
     meta_path = work_dir / "folds" / "folds.json"
     if refold or not meta_path.is_file():
         return
+    from foldkit.folds import fold_settings, settings_changes  # the rule ensure_folds rebuilds by
+
     old = json.loads(meta_path.read_text(encoding="utf-8"))
-    d = cfg.data
-    wanted = {
-        "k": d.k,
-        "seed": d.fold_seed,
-        "group_regex": d.group_regex,
-        "near_dup": d.near_dup,
-        "hamming": d.hamming,
-    }
-    changed = [
-        f"{key} {old.get(key)!r} -> {v!r}"
-        for key, v in wanted.items()
-        if old.get(key) != v and (key != "hamming" or d.near_dup)
-    ]
+    changed = settings_changes(old, fold_settings(cfg.data))
     if not changed:
         return
     users = sorted(
@@ -171,36 +173,159 @@ def guard_refold(work_dir: Path, cfg: RunConfig, refold: bool) -> None:
         )
 
 
-def train(args: argparse.Namespace) -> int:
-    """Train mode: every (fold, backbone) pair asked for, after checking weights, device and folds."""
-    from foldkit.folds import ensure_folds
-    from foldkit.models import create_model
-    from foldkit.train import fit_fold, resolve_device
+def select_backbones(cfg: RunConfig, model: str | None) -> list[str]:
+    """The config's backbones, or only ``--model`` (which must be one of them)."""
+    if model and model not in cfg.backbones:
+        raise FoldkitError(f"--model {model!r} is not in the config's backbones: {', '.join(cfg.backbones)}")
+    return [model] if model else list(cfg.backbones)
 
-    cfg = config_from_args(args)
+
+def _collect(problems: list[str], check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``, or None with its problem(s) appended to ``problems``."""
+    from foldkit.data import DataError
+
+    try:
+        return check(*args)
+    except DataError as exc:
+        problems.extend(exc.problems)
+    except FoldkitError as exc:
+        problems.append(str(exc))
+    return None
+
+
+def check_data(data_dir: Path, problems: list[str]) -> int | None:
+    """Number of train+validate images, or None with the label files' problems appended.
+
+    The test split is not needed to train, so its problems (and test names that also appear in
+    train/validate) are warnings now rather than a surprise in ``ensemble.py --mode test`` hours later.
+    """
+    from foldkit.data import DataError, label_file, read_test, read_trainval, warn_test_overlap
+
+    if not data_dir.is_dir():
+        problems.append(
+            f"data folder not found: {data_dir.resolve()} (pass --data-dir DIR, the folder holding "
+            "train/ validate/ test/ and their label files)"
+        )
+        return None
+    trainval = _collect(problems, read_trainval, data_dir)
+    if (data_dir / "test").is_dir() or label_file(data_dir, "test").is_file():
+        try:
+            test = read_test(data_dir)
+        except DataError as exc:
+            log.warning("the test split cannot be read; ensemble.py --mode test will stop on this:\n%s", exc)
+        else:
+            if trainval is not None:
+                warn_test_overlap(trainval, test)
+    return None if trainval is None else len(trainval)
+
+
+def preflight(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[int], int]:
+    """Check everything cheap before anything slow (importing torch, the hub, hashing images): config,
+    ``--model``, ``--fold``, an explicit device, the data folder and label files. Every problem found
+    goes into one error, so one run shows them all. Returns (config, backbones, folds, image count)."""
+    problems: list[str] = []
+    cfg = _collect(problems, config_from_args, args)
+    backbones = folds = None
+    if cfg is not None:
+        backbones = _collect(problems, select_backbones, cfg, args.model)
+        folds = _collect(problems, parse_folds, args.fold, cfg.data.k)
+        if cfg.device not in ("auto", "cpu"):  # only an explicit GPU request needs torch to check
+            from foldkit.train import resolve_device
+
+            _collect(problems, resolve_device, cfg.device)
+    n_images = check_data(Path(args.data_dir), problems)
+    if len(problems) == 1:
+        raise FoldkitError(problems[0])
+    if problems:
+        more = [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
+        raise FoldkitError(
+            "\n  ".join([f"{len(problems)} problems stop this run:", *problems[:_MAX_LISTED], *more])
+        )
+    return cfg, backbones, folds, n_images
+
+
+def time_batch(model: nn.Module, img_size: int, n: int) -> float:
+    """Seconds for one forward+backward pass of ``n`` random images, after a 2-image warm-up."""
+    import torch
+
+    model.train()
+    model(torch.randn(2, 3, img_size, img_size)).sum().backward()  # first-call allocations
+    x = torch.randn(n, 3, img_size, img_size)
+    start = time.perf_counter()
+    model(x).sum().backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def warn_cpu_fallback(cfg: RunConfig, models: dict[str, nn.Module], n_images: int, n_folds: int) -> None:
+    """``device: auto`` found no GPU: say so loudly, with an epoch time measured on one small batch,
+    before a GPU recipe quietly runs for days on the CPU."""
+    n = min(cfg.train.batch_size, 8)
+    k = cfg.data.k
+    train_n, val_n = n_images * (k - 1) // k, n_images // k
+    per_epoch = {
+        b: time_batch(m, cfg.data.img_size, n) / n * (train_n + val_n / 3) for b, m in models.items()
+    }  # validation is forward only: about a third of a training step
+    epoch = sum(per_epoch.values())
+    log.warning(
+        "device 'auto' found no CUDA GPU: training on the CPU. Measured on one batch of %d images at "
+        "%d px: about %s per epoch of %d images (%s), %s for %d epoch(s) x %d fold(s). Pass --device "
+        "cuda to insist on a GPU (it stops when there is none), or --device cpu to train on the CPU "
+        "without this warning.",
+        n,
+        cfg.data.img_size,
+        _duration(epoch),
+        n_images,
+        ", ".join(f"{b} {_duration(s)}" for b, s in per_epoch.items()),
+        _duration(epoch * cfg.train.epochs * n_folds),
+        cfg.train.epochs,
+        n_folds,
+    )
+
+
+def check_models(cfg: RunConfig, backbones: list[str], n_images: int, n_folds: int) -> None:
+    """Build every backbone once, so missing weights stop the run before any work (naming every
+    backbone whose weights are missing, not just the first); warn on an automatic CPU fallback."""
+    from foldkit.models import PretrainedUnavailable, create_model
+    from foldkit.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    cpu_fallback = cfg.device == "auto" and device.type == "cpu"
+    models, missing = {}, {}
+    for backbone in backbones:
+        try:
+            model = create_model(cfg, backbone)
+        except PretrainedUnavailable as exc:
+            missing.update(exc.failures)
+            continue
+        if cpu_fallback:
+            models[backbone] = model
+    if missing:
+        raise PretrainedUnavailable(missing)
+    if cpu_fallback:
+        warn_cpu_fallback(cfg, models, n_images, n_folds)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train mode: every (fold, backbone) pair asked for, after checking data, weights, device and folds."""
+    cfg, backbones, folds, n_images = preflight(args)  # before torch is imported: answers in a second
+    from foldkit.folds import ensure_folds, fold_settings
+    from foldkit.train import fit_fold
+
     exp = args.exp or Path(args.config).stem
-    backbones = cfg.backbones
-    if args.model:
-        if args.model not in backbones:
-            raise FoldkitError(
-                f"--model {args.model!r} is not in the config's backbones: {', '.join(backbones)}"
-            )
-        backbones = [args.model]
-    folds = parse_folds(args.fold, cfg.data.k)
-    resolve_device(cfg.device)
-    for backbone in backbones:  # fail before any work when a model or its weights cannot be had
-        create_model(cfg, backbone)
+    check_models(cfg, backbones, n_images, len(folds))
     guard_refold(args.work_dir, cfg, args.refold)
     folds_df, meta = ensure_folds(
-        args.data_dir,
-        args.work_dir,
-        k=cfg.data.k,
-        seed=cfg.data.fold_seed,
-        group_regex=cfg.data.group_regex,
-        near_dup=cfg.data.near_dup,
-        hamming=cfg.data.hamming,
-        force=args.refold,
-    )
+        args.data_dir, args.work_dir, **fold_settings(cfg.data), force=args.refold
+    )  # every fold setting of the config's data section, allow_unmatched included
     results = []
     for fold in folds:
         for backbone in backbones:
@@ -254,7 +379,7 @@ def test(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or "auto")
     tta = parse_tta(args.tta) if args.tta else cfg.tta
     batch = int(args.batch) if args.batch else cfg.train.batch_size
-    workers = int(args.workers) if args.workers is not None else min(cfg.data.workers, 4)
+    workers = int(args.workers) if args.workers is not None else cfg.data.workers  # None: every core
     probs = predict_checkpoint(
         ckpt,
         args.data_dir,

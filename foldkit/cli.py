@@ -7,9 +7,23 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from foldkit import PROJECT_ROOT
 from foldkit.io import FoldkitError
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not the one at set-up: an
+    entry point called again in the same process (tests, notebooks) may have swapped it since."""
+
+    @property
+    def stream(self) -> TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it; nothing to keep
+        pass
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -17,21 +31,42 @@ def setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("foldkit")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(getattr(h, "_foldkit_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler._foldkit_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, so ``--help`` answers "what happens if I leave it out".
+
+    The default is appended as ``(default: X)`` unless the help text already names it in words (help of
+    an option whose default is None must say what None means: "default: the checkpoint's"), flags show
+    ``off``/``on`` rather than False/True, and required options say ``(required)``. The description keeps
+    its line breaks (the entry points put exact commands in it).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
 def add_path_args(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--work-dir``, spelled alike in every command (the seed's ``_`` forms too)."""
     parser.add_argument(
         "--data-dir",
         "--data_dir",
         dest="data_dir",
         type=Path,
         default=Path("data"),
-        help="folder holding train/ validate/ test/ and their label files",
+        help="folder holding train/ validate/ test/ and their label files (relative: to the current folder)",
     )
     parser.add_argument(
         "--work-dir",
@@ -39,7 +74,7 @@ def add_path_args(parser: argparse.ArgumentParser) -> None:
         dest="work_dir",
         type=Path,
         default=PROJECT_ROOT,
-        help="root of folds/ models/ oof/ submissions/",
+        help="root of folds/ models/ oof/ submissions/ (relative: to the current folder)",
     )
 
 

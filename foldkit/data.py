@@ -144,8 +144,26 @@ def _index_frame(names: list[str], paths: list[str], labels: list[int], phase: s
     )
 
 
+def _spaced_name(fields: list[str]) -> str | None:
+    """The image name a line meant when that name contains spaces (``my face.png 1``), else None.
+
+    Fields are split on whitespace, so such a line reads as a wrong label or too many fields; the
+    name ending in an image extension once its words are joined tells the real cause apart.
+    """
+    if os.path.splitext(fields[0])[1].lower() in IMAGE_EXTS:
+        return None  # the first field is a whole image name: extra fields are another problem
+    for words in (fields, fields[:-1]):
+        joined = " ".join(words)
+        if len(words) > 1 and os.path.splitext(joined)[1].lower() in IMAGE_EXTS:
+            return joined
+    return None
+
+
 def _parse_line(fields: list[str], labelled: bool) -> tuple[str, int, str | None]:
     """``(name, label, problem)`` of one non-blank line; test labels are always ``NO_LABEL``."""
+    spaced = _spaced_name(fields) if len(fields) > 1 else None
+    if spaced is not None:
+        return spaced, NO_LABEL, f"names cannot contain spaces: rename '{spaced}' (file and line)"
     if len(fields) > 2:
         return fields[0], NO_LABEL, f"expected 'name [label]', got {len(fields)} fields"
     if not labelled:
@@ -278,6 +296,23 @@ def read_trainval(data_dir: Path) -> pd.DataFrame:
 def read_test(data_dir: Path) -> pd.DataFrame:
     """The test split (labels ``-1``); from test_label.txt, else the folder's images in natural order."""
     return read_split(Path(data_dir), "test")
+
+
+def warn_test_overlap(trainval: pd.DataFrame, test: pd.DataFrame, examples: int = 3) -> list[str]:
+    """Test names also listed in train or validate, with one warning naming how many and a few.
+
+    Not an error: a shared name may be a naming scheme's coincidence. But the same image in both would
+    be predicted by models that trained on it (and a split mix-up shows this way), so the user hears
+    of it before training rather than after the leaderboard.
+    """
+    shared = test.loc[test["name"].isin(set(trainval["name"])), "name"].tolist()
+    if shared:
+        logger.warning(
+            "%d of %d test names also appear in train/validate (e.g. %s): the same image in both "
+            "would be predicted by models trained on it; check the split",
+            len(shared), len(test), ", ".join(shared[:examples]),
+        )  # fmt: skip
+    return shared
 
 
 # --------------------------------------------------------------------------------------------------

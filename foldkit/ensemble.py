@@ -12,25 +12,36 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from foldkit.blend import METHODS, Blend, best_threshold, choose_blend, fit_blend, nested_threshold_f1
-from foldkit.config import from_dict
+from foldkit import PROJECT_ROOT
+from foldkit.config import from_dict, load_config, to_dict
 from foldkit.data import read_test
 from foldkit.io import FoldkitError, atomic_write_text
-from foldkit.oof import ModelOOF, OOFSet, load_oof
-from foldkit.predict import file_sha256, load_checkpoint, predict_checkpoint
-from foldkit.report import summary_table, write_report
 from foldkit.submission import write_submission
-from foldkit.train import amp_dtype, resolve_device
+
+# torch, timm, scipy, sklearn and matplotlib load where they are first needed, after check_trained: a
+# run with nothing to blend (or a wrong --exp) answers in a second, not after seconds of imports.
+if TYPE_CHECKING:
+    from foldkit.blend import Blend
+    from foldkit.oof import ModelOOF, OOFSet
 
 log = logging.getLogger(__name__)
+
+
+def predict_checkpoint(*args: Any, **kwargs: Any) -> np.ndarray:
+    """``foldkit.predict.predict_checkpoint``, imported on first use (a module attribute, so tests can
+    replace it)."""
+    from foldkit.predict import predict_checkpoint as predict
+
+    return predict(*args, **kwargs)
 
 
 @dataclass
@@ -47,8 +58,9 @@ class Options:
     allow_partial: bool = False
     device: str = "auto"
     batch: int = 256
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers for inference; None: one per CPU core
     prediction_file: Path | None = None
+    stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
 
     @property
     def name(self) -> str:
@@ -64,6 +76,121 @@ class Fitted:
     threshold: float
     tta: list[str]
     report: dict[str, Any]
+
+
+def _fold_files(work_dir: Path, exp: str, suffix: str) -> list[Path]:
+    """``oof/<exp>/<backbone>/fold<k><suffix>`` files (not the ``.tta-*`` caches), sorted."""
+    files = (work_dir / "oof" / exp).glob(f"*/fold*{suffix}")
+    return sorted(f for f in files if f.name[4 : -len(suffix)].isdigit())
+
+
+def trained_experiments(work_dir: Path) -> list[str]:
+    """Experiments with at least one OOF file under ``<work_dir>/oof``."""
+    root = work_dir / "oof"
+    exps = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    return sorted(e for e in exps if _fold_files(work_dir, e, ".csv"))
+
+
+def _same_config(path: Path, recorded: dict) -> bool:
+    """Whether the YAML at ``path``, with no overrides, resolves to the ``recorded`` config."""
+    try:
+        return json.loads(json.dumps(to_dict(load_config(path)))) == recorded
+    except FoldkitError:
+        return False
+
+
+def config_arg(work_dir: Path, exp: str) -> str:
+    """The ``--config`` that retrains ``exp`` as it was trained.
+
+    The OOF sidecars record the resolved config, not the command: the shipped ``configs/<exp>.yaml``
+    when it resolves to that config, else a trained run's saved ``config.yaml`` (the resolved config,
+    overrides included). Nothing trained yet: ``configs/<exp>.yaml`` if it exists, else the default.
+    """
+    shipped = f"configs/{exp}.yaml"
+    for sidecar in _fold_files(work_dir, exp, ".json"):
+        meta = _read_key(sidecar) or {}
+        recorded = meta.get("config")
+        if not isinstance(recorded, dict):
+            continue
+        if (PROJECT_ROOT / shipped).is_file() and _same_config(PROJECT_ROOT / shipped, recorded):
+            return shipped
+        saved = work_dir / "models" / exp / sidecar.parent.name / sidecar.stem / "config.yaml"
+        if saved.is_file():
+            return str(saved)
+    return shipped if (PROJECT_ROOT / shipped).is_file() else "configs/default.yaml"
+
+
+def train_command(opts: Options, exp: str, fold: str = "all", model: str | None = None) -> str:
+    """The ``main.py`` command that trains ``exp`` (its config, this data and work folder), to paste."""
+    config = config_arg(opts.work_dir, exp)
+    words = ["python", "main.py", "--config", config]
+    words += ["--exp", exp] if Path(config).stem != exp else []
+    words += ["--data-dir", str(opts.data_dir), "--work-dir", str(opts.work_dir), "--fold", fold]
+    words += ["--model", model] if model else []
+    return shlex.join(words)
+
+
+def _gaps(work_dir: Path, exp: str, k: int) -> dict[str, list[int]]:
+    """Backbone -> folds without an OOF file, over every backbone trained or listed in the config."""
+    done: dict[str, set[int]] = {}
+    for csv in _fold_files(work_dir, exp, ".csv"):  # what load_oof finds; the sidecar names the backbone
+        meta = _read_key(csv.with_suffix(".json")) or {}
+        done.setdefault(meta.get("backbone", csv.parent.name), set()).add(int(csv.stem[4:]))
+        for backbone in (meta.get("config") or {}).get("backbones", []):
+            done.setdefault(backbone, set())
+    return {b: sorted(set(range(k)) - have) for b, have in sorted(done.items()) if set(range(k)) - have}
+
+
+def _missing_commands(opts: Options) -> list[str]:
+    """One command per experiment with missing OOF folds, naming those folds (and the backbone when
+    only one lacks them); ``--fold K`` when the gaps cannot be told."""
+    k = (_read_key(opts.work_dir / "folds" / "folds.json") or {}).get("k")
+    commands = []
+    for exp in opts.exps:
+        gaps = _gaps(opts.work_dir, exp, k) if isinstance(k, int) else {}
+        if gaps:
+            folds = ",".join(str(f) for f in sorted({f for fs in gaps.values() for f in fs}))
+            commands.append(train_command(opts, exp, folds, next(iter(gaps)) if len(gaps) == 1 else None))
+    return commands or [train_command(opts, e, "K") for e in opts.exps]
+
+
+def check_trained(opts: Options) -> None:
+    """Before loading OOF: every experiment asked for was trained, and its folds are still there;
+    else say what to run (the real command: config, data and work folders)."""
+    oof_root = opts.work_dir / "oof"
+    trained = trained_experiments(opts.work_dir)
+    absent = [e for e in opts.exps if e not in trained]
+    if absent and not trained:
+        raise FoldkitError(
+            f"nothing is trained under {opts.work_dir} yet ({oof_root} holds no OOF predictions); "
+            f"train first:\n  {train_command(opts, absent[0])}\nthen run ensemble.py again"
+        )
+    if absent:
+        raise FoldkitError(
+            f"no OOF predictions for experiment {', '.join(map(repr, absent))} under {oof_root}; "
+            f"trained there: {', '.join(trained)} (pass --exp {trained[0]}), or train it:\n"
+            f"  {train_command(opts, absent[0])}"
+        )
+    folds_json = opts.work_dir / "folds" / "folds.json"
+    if not folds_json.is_file():
+        raise FoldkitError(
+            f"{folds_json} is missing, but the OOF files of {', '.join(opts.exps)} were made from "
+            f"it: restore {folds_json.parent}, or retrain:\n  "
+            + "\n  ".join(train_command(opts, e) for e in opts.exps)
+        )
+
+
+def _real_commands(message: str, opts: Options) -> str:
+    """Replace the generic ``python main.py --fold K`` hints of ``foldkit.oof``'s errors by commands
+    for these experiments (config, data and work folders), so the hint can be pasted as is."""
+    if "python main.py --fold K" in message:
+        message = message.replace("python main.py --fold K", " and ".join(_missing_commands(opts)))
+    if "retrain with the current folds" in message:
+        every = " and ".join(train_command(opts, e) for e in opts.exps)
+        message = message.replace(
+            "retrain with the current folds", f"retrain with the current folds ({every})"
+        )
+    return message
 
 
 def _oof_tta(models: Sequence[ModelOOF]) -> list[str]:
@@ -97,8 +224,29 @@ def _read_key(path: Path) -> dict | None:
         return None
 
 
+def _source(opts: Options, ckpt: dict, index: pd.DataFrame, split: str, paths: list[str]) -> Any:
+    """``paths`` as a source at the size the checkpoint trained on: from the split's image store
+    (built once, then shared by every model and fold), or the files when the run had no store."""
+    from foldkit.store import open_images
+
+    cfg = from_dict(ckpt["config"])
+    size = tuple(ckpt["store_size"]) if ckpt.get("store_size") else None
+    key = (split, size, cfg.data.cache)
+    if key not in opts.stores:
+        opts.stores[key] = open_images(opts.data_dir, opts.work_dir, index, split, cfg.data.cache, size)
+    return opts.stores[key].source(paths)
+
+
 def cached_probs(
-    opts: Options, m: ModelOOF, fold: int, df: pd.DataFrame, images_key: str, tta: list[str], cache: Path
+    opts: Options,
+    m: ModelOOF,
+    fold: int,
+    df: pd.DataFrame,
+    images_key: str,
+    tta: list[str],
+    cache: Path,
+    index: pd.DataFrame,
+    split: str,
 ) -> np.ndarray:
     """Probabilities of ``df``'s images from ``m``'s fold checkpoint, cached in ``cache`` (csv + json)
     and reused while the checkpoint, the TTA, the precision and the images (``images_key``, from
@@ -108,9 +256,15 @@ def cached_probs(
     dtype comes from the OOF sidecar's config (the checkpoint's own, verified by ``load_oof``), so a
     cache hit never loads the checkpoint.
     """
+    from foldkit.predict import file_sha256, load_checkpoint
+    from foldkit.train import amp_dtype, resolve_device
+
     ckpt_path = m.checkpoint(opts.work_dir, fold)
     if not ckpt_path.is_file():
-        raise FoldkitError(f"{m.key} fold {fold}: checkpoint {ckpt_path} is missing")
+        raise FoldkitError(
+            f"{m.key} fold {fold}: checkpoint {ckpt_path} is missing; retrain it:\n  "
+            + train_command(opts, m.exp, str(fold), m.backbone)
+        )
     device = resolve_device(opts.device)
     dtype = amp_dtype(from_dict(m.metas[fold]["config"]), device)
     key = {
@@ -125,16 +279,18 @@ def cached_probs(
         if cached.name.tolist() == df.name.tolist():
             log.info("%s fold %d: reusing %s", m.key, fold, cache)
             return cached.prob.to_numpy(dtype=np.float64)
+    ckpt = load_checkpoint(ckpt_path)
     probs = predict_checkpoint(
-        load_checkpoint(ckpt_path),
-        opts.data_dir,
-        df.path.tolist(),
+        ckpt,
+        None,
+        None,
         tta,
         opts.batch,
         opts.workers,
         device,
         dtype,
         desc=f"{m.key} fold {fold}",
+        source=_source(opts, ckpt, index, split, df.path.tolist()),
     )
     table = pd.DataFrame({"name": df.name.to_numpy(), "prob": probs})
     atomic_write_text(cache, table.to_csv(index=False, float_format="%.8f"))
@@ -150,12 +306,20 @@ def _repredict_oof(opts: Options, oof: OOFSet, tta: list[str]) -> None:
         images_key = _images_key(opts.data_dir, df)
         for j, m in enumerate(oof.models):
             cache = m.oof_dir / f"fold{fold}.tta-{_tag(tta)}.csv"
-            oof.P[rows, j] = cached_probs(opts, m, fold, df, images_key, tta, cache)
+            oof.P[rows, j] = cached_probs(opts, m, fold, df, images_key, tta, cache, oof.folds_df, "trainval")
 
 
 def fit(opts: Options) -> Fitted:
     """Load and check OOF, choose and fit the blend, tune the threshold, write the report."""
-    oof = load_oof(opts.work_dir, opts.exps, opts.allow_partial)
+    check_trained(opts)
+    from foldkit.blend import METHODS, best_threshold, choose_blend, fit_blend, nested_threshold_f1
+    from foldkit.oof import load_oof
+    from foldkit.report import summary_table, write_report
+
+    try:
+        oof = load_oof(opts.work_dir, opts.exps, opts.allow_partial)
+    except FoldkitError as exc:
+        raise FoldkitError(_real_commands(str(exc), opts)) from exc
     made_with = _oof_tta(oof.models)
     tta = made_with if opts.tta is None else list(opts.tta)
     if tta != made_with:
@@ -198,7 +362,15 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     for m in fitted.oof.models:
         per_fold = [
             cached_probs(
-                opts, m, fold, test_df, images_key, fitted.tta, m.oof_dir / f"test_fold{fold}{suffix}.csv"
+                opts,
+                m,
+                fold,
+                test_df,
+                images_key,
+                fitted.tta,
+                m.oof_dir / f"test_fold{fold}{suffix}.csv",
+                test_df,
+                "test",
             )
             for fold in range(fitted.oof.k)
         ]

@@ -7,7 +7,15 @@ scratch, which would waste a full GPU run and look like a bad recipe.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import timm
@@ -20,8 +28,82 @@ from foldkit.io import FoldkitError
 log = logging.getLogger(__name__)
 
 
+#: How long the hub may take to accept a TCP connection before this process treats it as unreachable.
+HUB_PROBE_SECONDS = 2.0
+
+
 class PretrainedUnavailable(FoldkitError):
-    """Pretrained weights were asked for and cannot be loaded."""
+    """Pretrained weights were asked for and cannot be loaded: ``failures`` maps each backbone to why.
+
+    One error can carry several backbones (``main.py`` checks them all before training), so the
+    message's download command fetches every missing one at once.
+    """
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = dict(failures)
+        super().__init__(offline_help(self.failures))
+
+
+def reachable(url: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to ``url``'s host and port opens within ``timeout`` seconds.
+
+    Name resolution has no timeout of its own (a dead resolver takes ~10 s per try), so the probe runs
+    in a daemon thread that is simply abandoned when it overruns.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        return False
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answer.append(True)
+        except (OSError, ValueError):
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="foldkit-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+@functools.cache
+def hub_offline() -> str | None:
+    """Why Hugging Face downloads are off in this process (``HF_HUB_OFFLINE`` is set, or the hub, or the
+    HTTPS proxy in front of it, did not accept a connection within ``HUB_PROBE_SECONDS``), or None.
+
+    Unreachable: huggingface_hub is switched to offline mode here, so a cached download is used at once
+    and a missing one fails at once, instead of ~50 s of retries (5 per file, two file names) that end
+    in the same error. Asked once per process; child processes inherit the variable.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    proxies = urllib.request.getproxies()
+    target = proxies.get("https") or proxies.get("all") or constants.ENDPOINT
+    if reachable(target):
+        return None
+    log.debug("%s did not answer within %.0f s: Hugging Face hub offline mode", target, HUB_PROBE_SECONDS)
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return f"{target} is unreachable (no connection within {HUB_PROBE_SECONDS:.0f} s)"
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Keep huggingface_hub's per-retry warnings off the terminal (the failure itself is reported once,
+    as ``PretrainedUnavailable``); ``--verbose`` lets them through."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    if not log.isEnabledFor(logging.DEBUG):
+        hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 def pretrained_file_for(cfg: RunConfig, backbone: str) -> str | None:
@@ -35,16 +117,26 @@ def pretrained_file_for(cfg: RunConfig, backbone: str) -> str | None:
     return spec.replace("{backbone}", backbone)
 
 
-def _offline_help(backbone: str) -> str:
-    return (
-        f"pretrained weights for '{backbone}' cannot be loaded, and foldkit will not silently train "
-        "from scratch. Offline options:\n"
-        f"  1. a local file: --set pretrained_file=/path/to/{backbone}.safetensors (or a "
-        "{backbone: path} mapping / a path with '{backbone}' in the config);\n"
-        "  2. timm's Hugging Face cache: download once on a machine with internet "
-        f"(python -c \"import timm; timm.create_model('{backbone}', pretrained=True)\"), copy "
-        "~/.cache/huggingface (or $HF_HOME) here and set HF_HUB_OFFLINE=1;\n"
-        "  3. train from scratch on purpose: --set pretrained=false."
+def download_command(backbones: Sequence[str]) -> str:
+    """A shell command that puts the pretrained weights of ``backbones`` into the Hugging Face cache."""
+    return f'python -c "import timm; [timm.create_model(b, pretrained=True) for b in {list(backbones)}]"'
+
+
+def offline_help(failures: dict[str, str]) -> str:
+    """Why each backbone's weights failed, then the three ways out, naming every failing backbone."""
+    names = list(failures)
+    return "\n".join(
+        [
+            f"pretrained weights cannot be loaded for {', '.join(names)}, and foldkit will not silently "
+            "train from scratch:",
+            *(f"  {b}: {why}" for b, why in failures.items()),
+            "Offline options:",
+            "  1. local files: --set pretrained_file=/path/to/{backbone}.safetensors (a path with "
+            "'{backbone}' in it, or a {backbone: path} mapping in the config);",
+            f"  2. timm's Hugging Face cache: on a machine with internet run {download_command(names)}, "
+            "copy ~/.cache/huggingface (or $HF_HOME) here and set HF_HUB_OFFLINE=1;",
+            "  3. train from scratch on purpose: --set pretrained=false.",
+        ]
     )
 
 
@@ -67,16 +159,17 @@ def create_model(cfg: RunConfig, backbone: str, pretrained: bool | None = None) 
     local = pretrained_file_for(cfg, backbone)
     if local is not None:
         if not Path(local).is_file():
-            raise PretrainedUnavailable(
-                f"pretrained_file for '{backbone}' not found: {local}\n" + _offline_help(backbone)
-            )
+            raise PretrainedUnavailable({backbone: f"pretrained_file not found: {local}"})
         kwargs["pretrained_cfg_overlay"] = {"file": str(local)}
+    offline = hub_offline() if local is None else None
     try:
-        model = timm.create_model(backbone, pretrained=True, **kwargs)
+        with _quiet_hub():
+            model = timm.create_model(backbone, pretrained=True, **kwargs)
     except Exception as exc:  # timm raises RuntimeError/OSError/hub errors depending on the source
-        raise PretrainedUnavailable(
-            f"{_offline_help(backbone)}\n(cause: {type(exc).__name__}: {exc})"
-        ) from exc
+        cause = f"{type(exc).__name__}: {exc}"
+        if offline:
+            cause = f"not in the local Hugging Face cache, and {offline}"
+        raise PretrainedUnavailable({backbone: cause}) from exc
     log.info("%s: pretrained weights loaded%s", backbone, f" from {local}" if local else "")
     return model
 

@@ -569,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m foldkit.report oof/<exp>/report.json``: print the terminal summary of a report."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Print the summary of an OOF report.json")
+    parser = argparse.ArgumentParser(
+        prog="python -m foldkit.report", description="Print the summary of an OOF report.json"
+    )
     parser.add_argument("report", type=Path, help="path to oof/<exp>/report.json")
     args = parser.parse_args(argv)
     if not args.report.is_file():

@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from foldkit.cli import HelpFormatter
 from foldkit.io import FoldkitError, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -628,8 +629,10 @@ def generate(
     Existing files of the same name are overwritten; other files in the split folders are left alone.
     """
     counts = dict(zip(SPLITS, (n_train, n_validate, n_test), strict=True))
-    if min(counts.values()) < 0 or size < 16:
-        raise FoldkitError("counts must be >= 0 and size >= 16")
+    if min(n_train, n_validate) < 1 or n_test < 0 or size < 16:
+        raise FoldkitError(  # foldkit.data refuses an empty train or validate label file
+            "n_train and n_validate must be >= 1, n_test >= 0 and size >= 16"
+        )
     out = Path(out)
     tv_pool, test_pool = _subject_pools(n_train, n_validate, n_test, n_subjects)
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
@@ -663,17 +666,34 @@ def generate(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The CLI in the module docstring."""
-    p = argparse.ArgumentParser(prog="python -m foldkit.synthetic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m foldkit.synthetic",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (gets train/ validate/ test/)")
-    p.add_argument("--n-train", type=int, required=True)
-    p.add_argument("--n-validate", type=int, required=True)
-    p.add_argument("--n-test", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, required=True, help="train images, half of them fakes (>= 1)")
+    p.add_argument("--n-validate", type=int, required=True, help="validate images, half fakes (>= 1)")
+    p.add_argument("--n-test", type=int, required=True, help="test images, of unseen subjects (>= 1)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
     p.add_argument("--hashed-names", action="store_true", help="md5 names like anonymised test sets")
     p.add_argument("--size", type=int, default=112, help="image side in pixels")
-    p.add_argument("--n-subjects", type=int, default=None, help="train/validate identities (default ~sqrt n)")
+    p.add_argument(
+        "--n-subjects", type=int, default=None, help="train/validate identities (default: about sqrt(n))"
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     return p.parse_args(argv)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Every split of the command-line data set needs an image: foldkit.data refuses an empty label
+    file, so a zero here would only surface later, in main.py or ensemble.py."""
+    counts = {"--n-train": args.n_train, "--n-validate": args.n_validate, "--n-test": args.n_test}
+    bad = [f"{flag} {n}" for flag, n in counts.items() if n < 1]
+    if bad:
+        raise FoldkitError(
+            f"{', '.join(bad)}: every split needs at least 1 image (empty label files are refused)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -681,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_counts(args)
         counts = generate(
             args.out,
             args.n_train,

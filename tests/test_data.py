@@ -19,6 +19,7 @@ from foldkit.data import (
     read_test,
     read_trainval,
     survey_images,
+    warn_test_overlap,
 )
 from foldkit.folds import main as folds_main
 
@@ -217,6 +218,45 @@ def test_test_file_with_three_fields_is_an_error(tmp_path: Path) -> None:
     path = write_split(data, "test", "x.png\nx y z\n", ["x.png"])
     with pytest.raises(DataError, match=rf"{path}:2: expected 'name \[label\]', got 3 fields \(x y z\)"):
         read_test(data)
+
+
+@pytest.mark.parametrize(
+    ("phase", "text", "files"),
+    [
+        ("train", "a.png 0\nmy face.png 1\n", ["a.png", "my face.png"]),  # read as 3 fields
+        ("train", "a.png 0\nmy face.png\n", ["a.png"]),  # read as name 'my', label 'face.png'
+        ("test", "a.png\nmy face.png\n", ["a.png", "my face.png"]),  # read as name + dummy label
+        ("test", "a.png 0\nmy face.png 0\n", ["a.png"]),
+    ],
+)
+def test_name_with_spaces_says_names_cannot_contain_spaces(
+    tmp_path: Path, phase: str, text: str, files: list[str]
+) -> None:
+    data = make_data(tmp_path)
+    path = write_split(data, phase, text, files)
+    with pytest.raises(DataError) as err:
+        read_trainval(data) if phase == "train" else read_test(data)
+    assert f"{path}:2: names cannot contain spaces: rename 'my face.png'" in str(err.value)
+    assert "a.png" not in str(err.value)
+
+
+def test_test_names_also_in_train_or_validate_are_warned_with_examples(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = make_data(tmp_path)
+    write_split(data, "test", "t1.png\nnew.png\nv2.png\nt3.png\nt4.png\nt5.png\n", [])
+    for name in ("t1.png", "new.png", "v2.png", "t3.png", "t4.png", "t5.png"):
+        save_png(data / "test" / name)
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        shared = warn_test_overlap(read_trainval(data), read_test(data))
+    assert shared == ["t1.png", "v2.png", "t3.png", "t4.png", "t5.png"]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "5 of 6 test names also appear in train/validate (e.g. t1.png, v2.png, t3.png)" in record.getMessage()
+    )
+    caplog.clear()
+    assert warn_test_overlap(read_trainval(data), read_test(make_data(tmp_path / "other"))) == []
+    assert not caplog.records
 
 
 def test_unknown_phase_is_rejected(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -280,3 +282,78 @@ def test_several_experiments_blend_together(trained_copy: Path, tiny_data: Path)
     }
     sub = read_submission(trained_copy / "submissions/demo+demo2/prediction.txt")
     assert sub.name.tolist() == read_test(tiny_data).name.tolist()
+
+
+def test_blend_choices_are_the_blend_modules_methods() -> None:
+    from foldkit.blend import METHODS
+
+    assert tuple(METHODS) == ensemble.BLEND_METHODS
+
+
+def test_nothing_trained_says_train_first_with_the_real_command(
+    tmp_path: Path, tiny_data: Path, capsys
+) -> None:
+    assert (
+        run(ensemble.main, ["--mode", "test", "--work-dir", str(tmp_path), "--data-dir", str(tiny_data)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "nothing is trained" in err and "foldkit.folds" not in err
+    command = f"python main.py --config configs/default.yaml --data-dir {tiny_data} --work-dir {tmp_path}"
+    assert f"{command} --fold all" in err
+
+
+def test_unknown_experiment_names_the_trained_ones(trained: Path, tiny_data: Path, capsys) -> None:
+    argv = ["--work-dir", str(trained), "--data-dir", str(tiny_data)]  # --exp default, but only demo exists
+    assert run(ensemble.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "no OOF predictions for experiment 'default'" in err
+    assert "trained there: demo (pass --exp demo)" in err
+
+
+def test_missing_fold_hint_is_a_command_that_trains_exactly_that_fold(
+    trained_copy: Path, tiny_data: Path, capsys
+) -> None:
+    import main
+
+    (trained_copy / "oof/demo/test_convnext/fold1.csv").unlink()
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 2
+    err = capsys.readouterr().err
+    hint = re.search(r"train them with (python main\.py .*), or pass --allow-partial", err)
+    assert hint, err
+    words = shlex.split(hint.group(1))
+    saved = str(trained_copy / "models/demo/test_convnext/fold0/config.yaml")  # the resolved config
+    assert words[2:] == [
+        "--config", saved, "--exp", "demo", "--data-dir", str(tiny_data), "--work-dir", str(trained_copy),
+        "--fold", "1", "--model", "test_convnext",
+    ]  # fmt: skip
+    assert run(main.main, words[2:]) == 0  # pasted as is: it trains what is missing, nothing else
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 0
+
+
+def test_hint_names_the_shipped_config_when_the_run_used_it_unchanged(
+    trained_copy: Path, tiny_data: Path
+) -> None:
+    from foldkit.config import load_config, to_dict
+    from foldkit.ensemble import Options, config_arg, train_command
+
+    shipped = to_dict(load_config(PROJECT_ROOT / "configs/demo.yaml"))
+    for sidecar in (trained_copy / "oof/demo").glob("*/fold*.json"):
+        meta = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**meta, "config": shipped}))
+    assert config_arg(trained_copy, "demo") == "configs/demo.yaml"
+    opts = Options(tiny_data, trained_copy, ["demo"])
+    folders = f"--data-dir {tiny_data} --work-dir {trained_copy}"
+    assert (
+        train_command(opts, "demo", "0,2")
+        == f"python main.py --config configs/demo.yaml {folders} --fold 0,2"
+    )
+
+
+def test_lost_folds_json_is_named_with_the_retrain_command(
+    trained_copy: Path, tiny_data: Path, capsys
+) -> None:
+    shutil.rmtree(trained_copy / "folds")
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 2
+    err = capsys.readouterr().err
+    assert f"{trained_copy / 'folds/folds.json'} is missing" in err and "foldkit.folds" not in err
+    assert f"--exp demo --data-dir {tiny_data} --work-dir {trained_copy} --fold all" in err

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ def _files(root: Path) -> set[str]:
 
 def test_leaves_exactly_the_contracted_files(trained: Path) -> None:
     expected = {"folds/folds.csv", "folds/folds.json"}
+    expected |= {f"store/trainval-32x32/{f}" for f in ("images.u8", "index.csv", "store.json")}
     for bb in BACKBONES:
         for k in (0, 1):
             run_dir = f"models/demo/{bb}/fold{k}"
@@ -275,3 +277,111 @@ def test_ema_accumulation_early_stop_and_workers_are_deterministic(tiny_data: Pa
     assert a.read_bytes() == b.read_bytes()
     last = torch.load(tmp_path / "a/models/demo/test_efficientnet/fold0/last.pt", weights_only=True)
     assert "ema" in last and last["step"] >= 1
+
+
+def _offline_env(tmp_path: Path) -> dict[str, str]:
+    """A user's shell on an offline machine: no HF_HUB_OFFLINE, an unresolvable hub, an empty cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**env, "HF_ENDPOINT": "https://hub.invalid", "HF_HOME": str(tmp_path / "hf-home")}
+
+
+def test_missing_data_folder_is_one_line_exit_2_before_any_hub_wait(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    out = subprocess.run(  # the seed's bare command, from a folder without ./data, default config
+        [sys.executable, str(PROJECT_ROOT / "main.py"), "--work-dir", str(tmp_path / "work")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_offline_env(tmp_path),
+        timeout=120,
+    )
+    seconds = time.perf_counter() - start
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"error: data folder not found: {(tmp_path / 'data').resolve()} (pass --data-dir DIR, the folder "
+        "holding train/ validate/ test/ and their label files)"
+    ]
+    assert seconds < 10, f"{seconds:.1f} s"  # measured 0.3 s: nothing slow runs before this check
+    assert not (tmp_path / "work").exists()
+
+
+def test_every_cheap_problem_is_reported_in_one_run(tmp_path: Path, capsys) -> None:
+    assert train_tiny(tmp_path / "no-data", tmp_path, "--model", "resnet50", "--fold", "7") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 problems stop this run:")
+    assert "not in the config's backbones" in err and "folds must be in 0..1" in err
+    assert f"data folder not found: {(tmp_path / 'no-data').resolve()}" in err
+    assert _files(tmp_path) == set()
+
+
+def test_unreachable_hub_fails_in_seconds_naming_every_backbone(tiny_data: Path, tmp_path: Path) -> None:
+    start = time.perf_counter()
+    cmd = [sys.executable, "main.py", "--data-dir", str(tiny_data), "--work-dir", str(tmp_path / "w")]
+    out = subprocess.run(
+        [*cmd, "--fold", "0"], cwd=PROJECT_ROOT, capture_output=True, text=True, env=_offline_env(tmp_path)
+    )
+    seconds = time.perf_counter() - start
+    assert out.returncode == 2
+    assert "Retrying" not in out.stderr and "Name or service not known" not in out.stderr
+    backbones = ["tf_efficientnet_b3.ns_jft_in1k", "convnext_tiny.fb_in22k_ft_in1k"]  # default.yaml
+    for backbone in backbones:
+        assert (
+            f"  {backbone}: not in the local Hugging Face cache, and https://hub.invalid is unreachable"
+            in (out.stderr)
+        )
+    assert f"for b in {backbones}" in out.stderr  # one download command fetches both
+    # torch + timm imports take ~5 s here; the hub's own retries took 52 s before the probe
+    assert seconds < 30, f"{seconds:.1f} s"
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback needs a machine without CUDA")
+def test_device_auto_on_cpu_warns_with_an_epoch_estimate(caplog: pytest.LogCaptureFixture) -> None:
+    from foldkit.config import load_config
+
+    overrides = [("device", "auto"), ("data.img_size", 32), ("backbones", ["test_efficientnet"])]
+    cfg = load_config(PROJECT_ROOT / "configs/demo.yaml", overrides)
+    main.check_models(cfg, cfg.backbones, n_images=1000, n_folds=5)
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    message = record.getMessage()
+    assert "device 'auto' found no CUDA GPU: training on the CPU" in message
+    assert "per epoch of 1000 images (test_efficientnet " in message and "x 5 fold(s)" in message
+    assert "--device cuda" in message
+    caplog.clear()
+    main.check_models(
+        load_config(PROJECT_ROOT / "configs/demo.yaml", overrides[1:]), ["test_efficientnet"], 1000, 5
+    )
+    assert not caplog.records  # device: cpu in the config is a choice, not a fallback
+
+
+def test_test_names_shared_with_train_are_warned_before_training(
+    tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train_names = [line.split()[0] for line in (data / "train/train_label.txt").read_text().splitlines()]
+    for name in train_names[:2]:
+        shutil.copy(data / "train" / name, data / "test" / name)
+    with (data / "test/test_label.txt").open("a") as fh:
+        fh.write("".join(f"{name}\n" for name in train_names[:2]))
+    problems: list[str] = []
+    assert main.check_data(data, problems) == 40 and problems == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        f"2 of 14 test names also appear in train/validate (e.g. {train_names[0]}" in w for w in warnings
+    )
+
+
+def test_hub_probe_answers_within_its_timeout() -> None:
+    import socket
+
+    from foldkit.models import reachable
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"https://127.0.0.1:{server.getsockname()[1]}"
+        assert reachable(url, timeout=2)
+    start = time.perf_counter()
+    assert not reachable(url, timeout=2)  # closed now: refused at once
+    assert not reachable("https://hub.invalid", timeout=1)  # no such name
+    assert not reachable("not a url", timeout=1)
+    assert time.perf_counter() - start < 4

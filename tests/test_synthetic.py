@@ -129,6 +129,17 @@ def test_bad_arguments_raise_the_toolkit_error(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path), "--n-train", "-1", "--n-validate", "1", "--n-test", "1"]) == 2
 
 
+@pytest.mark.parametrize("flag", ["--n-train", "--n-validate", "--n-test"])
+def test_cli_refuses_an_empty_split_and_writes_nothing(tmp_path: Path, flag: str, capsys) -> None:
+    counts = {"--n-train": "4", "--n-validate": "2", "--n-test": "2", flag: "0"}
+    argv = ["--out", str(tmp_path / "out"), *(x for kv in counts.items() for x in kv)]
+    assert main(argv) == 2
+    assert f"{flag} 0: every split needs at least 1 image" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FoldkitError, match="n_train and n_validate must be >= 1"):
+        generate(tmp_path / "api", 0, 2, 2)
+
+
 def test_cli_writes_the_data_set(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     args = ["--out", str(out), "--n-train", "6", "--n-validate", "4", "--n-test", "3", "--seed", "2",
