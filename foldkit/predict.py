@@ -153,7 +153,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device) -> tuple[n
     model = create_model(cfg, ckpt["backbone"], pretrained=False)
     load_weights(model, ckpt["model"])
     model.to(device)
-    if device.type == "cuda":
+    if cfg.train.channels_last:  # the layout it was trained and validated in
         model = model.to(memory_format=torch.channels_last)
     return model, cfg
 
@@ -180,7 +180,7 @@ def predict_checkpoint(
         source = FileSource(Path(data_dir), paths, tuple(size))
     loader = eval_loader(
         source, cfg.data.img_size, ckpt["mean"], ckpt["std"], batch_size, workers, device,
-        prefetch_factor=cfg.data.prefetch_factor,
+        cfg.train.channels_last, cfg.data.prefetch_factor,
     )  # fmt: skip
     # Rounded to the precision the CSVs store, so a fresh prediction and a cached one are the same
     # numbers and can never fall on different sides of the threshold.

@@ -1,7 +1,7 @@
 """Train one backbone on one fold: ``fit_fold`` leaves checkpoints, logs and the fold's OOF file.
 
 Per epoch: AdamW + cosine schedule with warmup (timm), optional EMA of weights (validated and saved
-when on), AMP and channels_last on CUDA, gradient clipping and accumulation, early stopping on the
+when on), AMP on CUDA, channels_last, gradient clipping and accumulation, early stopping on the
 chosen metric. After the last epoch the best checkpoint predicts the holdout with the config's TTA
 through ``foldkit.predict``, the same path test inference uses.
 
@@ -153,7 +153,7 @@ def _loaders(
     train_dl = make_loader(
         train_ds, cfg.train.batch_size, True, dc.workers, cfg.seed, pin, True, dc.prefetch_factor
     )
-    cl = pin and cfg.train.channels_last
+    cl = cfg.train.channels_last
     to_device = DeviceTransform(dc.img_size, mean, std, device, cl)
     val_dl = eval_loader(
         images.source(val_df.path.tolist()), dc.img_size, mean, std, cfg.train.batch_size * 2,
@@ -230,7 +230,7 @@ def _make_trainer(
     cfg: RunConfig, model: nn.Module, device: torch.device, steps_per_epoch: int, pos_weight: float
 ) -> _Trainer:
     tc = cfg.train
-    if device.type == "cuda" and tc.channels_last:
+    if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # fused: one kernel for the whole update instead of a chain of multi-tensor ops (CUDA only)
     fused = {"fused": True} if device.type == "cuda" else {}
