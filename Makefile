@@ -24,16 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m foldkit.synthetic --out $(DEMO_DATA) --n-train $$(( $(DEMO_TRAINVAL) * 3 / 4 )) \
-		--n-validate $$(( $(DEMO_TRAINVAL) / 4 )) --n-test $$(( $(DEMO_TRAINVAL) / 4 )) --seed 0
-	$(PY) main.py --config configs/demo.yaml --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK) --fold all
-	$(PY) ensemble.py --mode test --exp demo --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK)
-	@echo
-	$(PY) -m foldkit.report $(DEMO_WORK)/oof/demo/report.json | tail -n 1
-	@echo "demo done:"
-	@echo "  OOF report:  $(DEMO_WORK)/oof/demo/report.md  (plots beside it)"
-	@echo "  submission:  $(DEMO_WORK)/submissions/demo/prediction.txt  (+ probs.csv)"
-	@echo "  checkpoints: $(DEMO_WORK)/models/demo/<backbone>/fold<k>/"
+	$(PY) -m foldkit.demo --data-dir $(DEMO_DATA) --work-dir $(DEMO_WORK) --n-trainval $(DEMO_TRAINVAL)
 
 test: install
 	$(PY) -m pytest -q

@@ -25,6 +25,7 @@ COMMANDS = {
     "foldkit.report": ["-m", "foldkit.report"],
     "foldkit.folds": ["-m", "foldkit.folds"],
     "foldkit.store": ["-m", "foldkit.store"],
+    "foldkit.demo": ["-m", "foldkit.demo"],
 }
 #: Modules that take seconds to import; --help must not wait for them.
 HEAVY = ("torch", "torchvision", "timm", "albumentations", "ttach")

@@ -172,7 +172,7 @@ def test_write_report_rejects_mismatched_lengths(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_report_cli_prints_summary_and_weakest_fold(tmp_path: Path, capsys) -> None:
+def test_report_cli_prints_summary_and_blend_vs_best_model(tmp_path: Path, capsys) -> None:
     from foldkit.report import main as report_main
 
     rng = np.random.default_rng(0)
@@ -195,5 +195,19 @@ def test_report_cli_prints_summary_and_weakest_fold(tmp_path: Path, capsys) -> N
     out = capsys.readouterr().out
     assert "good" in out and "noise" in out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("blend [mean]") and "weakest single model-fold: noise fold" in last
+    best = json.loads((tmp_path / "report.json").read_text())["models"]["good"]["overall"]["best_f1"]
+    assert last.startswith("blend [mean] OOF F1 0.9000") and f"vs best single model good {best:.4f}" in last
+    assert ("the blend wins by" in last) == (best < 0.9) and ("does not beat it" in last) == (best > 0.9)
     assert report_main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_blend_vs_best_names_the_best_model_and_says_when_the_blend_loses() -> None:
+    from foldkit.report import blend_vs_best
+
+    report = {
+        "summary": {"method": "weighted", "in_sample_f1": 0.85, "nested_cv_f1": 0.84},
+        "models": {"a": {"overall": {"best_f1": 0.80}}, "b": {"overall": {"best_f1": 0.88}}},
+    }
+    assert blend_vs_best(report).endswith("vs best single model b 0.8800: the blend does not beat it")
+    report["summary"]["in_sample_f1"] = 0.90
+    assert blend_vs_best(report).endswith("vs best single model b 0.8800: the blend wins by +0.0200")
