@@ -233,7 +233,10 @@ def _source(opts: Options, ckpt: dict, index: pd.DataFrame, split: str, paths: l
     size = tuple(ckpt["store_size"]) if ckpt.get("store_size") else None
     key = (split, size, cfg.data.cache)
     if key not in opts.stores:
-        opts.stores[key] = open_images(opts.data_dir, opts.work_dir, index, split, cfg.data.cache, size)
+        opts.stores[key] = open_images(
+            opts.data_dir, opts.work_dir, index, split, cfg.data.cache, size, opts.workers,
+            cfg.data.on_bad_image,
+        )  # fmt: skip
     return opts.stores[key].source(paths)
 
 
@@ -351,6 +354,25 @@ def fit(opts: Options) -> Fitted:
     return Fitted(oof, blend, float(threshold), tta, report)
 
 
+def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, labels: np.ndarray) -> None:
+    """Test images the store could not decode (``data.on_bad_image: skip``) get the fallback label
+    ``BAD_IMAGE_LABEL`` (real) and probability 0, so the submission still lists every name; the
+    model's output on their blank rows would be noise."""
+    from foldkit.store import BAD_IMAGE_LABEL, recorded_bad
+
+    bad = recorded_bad(opts.work_dir, "test")
+    rows = np.flatnonzero(test_df.path.isin(bad).to_numpy())
+    if len(rows):
+        labels[rows], probs[rows] = BAD_IMAGE_LABEL, 0.0
+        shown = ", ".join(test_df.name.iloc[rows[:5]])
+        log.warning(
+            "%d unreadable test image(s) predicted %d (real), the fallback: %s",
+            len(rows),
+            BAD_IMAGE_LABEL,
+            shown,
+        )
+
+
 def predict_test(opts: Options, fitted: Fitted) -> Path:
     """Fold-mean test probabilities per model -> the OOF-fitted blend -> the tuned threshold ->
     ``submissions/<exp>/prediction.txt`` and ``probs.csv``."""
@@ -378,6 +400,7 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     T = np.column_stack(columns)
     probs = fitted.blend.apply(T)
     labels = (probs >= fitted.threshold).astype(int)
+    _fallback_for_bad(opts, test_df, probs, labels)
     out_dir = opts.work_dir / "submissions" / opts.name
     names = test_df.name.tolist()
     pred = write_submission(out_dir / "prediction.txt", names, labels, names)

@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
 from foldkit.data import DataError, label_file, read_test, read_trainval
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 STORE_VERSION = 1
 #: A side longer than this is not a face crop: a corrupt header or a wrong file in the folder.
 MAX_SIDE = 4096
+#: Label given to a test image that cannot be decoded (``data.on_bad_image: skip``): "real", the
+#: cautious answer when F1 is scored on the fake class.
+BAD_IMAGE_LABEL = 0
 _CHUNK = 256  # images per worker task: small enough for a smooth progress bar, large enough to amortise IPC
 
 
@@ -379,6 +382,17 @@ class FileSource:
         return np.stack([self.read(int(i)) for i in idx], out=out)
 
 
+def recorded_bad(work_dir: Path, split: str) -> set[str]:
+    """Paths that the split's current stores recorded as undecodable (``on_bad_image: skip``)."""
+    bad: set[str] = set()
+    for meta_path in (Path(work_dir) / "store").glob(f"{split}-*/store.json"):
+        try:
+            bad |= set(json.loads(meta_path.read_text(encoding="utf-8")).get("bad", {}))
+        except (OSError, ValueError):
+            continue
+    return bad
+
+
 class FileSet:
     """The image files themselves at one size (``data.cache: false``); quacks like ``Store.source``."""
 
@@ -414,7 +428,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m foldkit.store",
         description="Decode every train, validate and test image once into the uint8 memmap store.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_path_args(parser)
     parser.add_argument(

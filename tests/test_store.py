@@ -263,3 +263,26 @@ def test_warm_up_leaves_weights_buffers_and_grads_untouched() -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
+    data: Path, trained_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """By default a bad test image stops test inference naming it; built with skip, the submission
+    still lists every name and the bad one gets the stated fallback (0, real)."""
+    import ensemble
+    from foldkit.cli import run
+
+    test = read_test(data)
+    bad = data / test.path.iloc[2]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(data), "--mode", "test"]
+    assert run(ensemble.main, argv) == 2
+    assert f"{bad} (" in capsys.readouterr().err
+    assert not (trained_copy / "submissions/demo/prediction.txt").exists()
+    assert main(["--data-dir", str(data), "--work-dir", str(trained_copy), "--on-bad-image", "skip"]) == 0
+    assert run(ensemble.main, argv) == 0
+    lines = (trained_copy / "submissions/demo/prediction.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == test.name.tolist()
+    assert lines[2] == f"{test.name.iloc[2]} 0"
+    assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
