@@ -23,7 +23,8 @@ import pandas as pd
 # Run as a script from anywhere, without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from foldkit import folds as folds_mod
-from foldkit.folds import THUMB_SIDE, Fingerprints, make_folds, near_dup_pairs, thumb_corr
+from foldkit.folds import make_folds
+from foldkit.neardup import THUMB_SIDE, Fingerprints, near_dup_pairs, thumb_corr
 
 
 def fake_index(rows: int, subjects: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:

@@ -29,12 +29,9 @@ from foldkit.data import label_file, read_trainval
 from foldkit.folds import (
     FOLD_COLUMNS,
     SETTING_KEYS,
-    THUMB_SIDE,
-    Fingerprints,
     assert_no_leak,
     build_parser,
     ensure_folds,
-    fingerprint_images,
     fold_settings,
     fold_table,
     folds_hash,
@@ -42,10 +39,10 @@ from foldkit.folds import (
     load_folds,
     main,
     make_folds,
-    near_dup_pairs,
     write_folds,
 )
 from foldkit.io import FoldkitError
+from foldkit.neardup import THUMB_SIDE, Fingerprints, fingerprint_images, near_dup_pairs
 from foldkit.synthetic import generate
 
 SETTINGS = {
