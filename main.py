@@ -5,6 +5,7 @@
     python main.py --fold 0,2 --model convnext_tiny.fb_in22k_ft_in1k --set train.lr=1e-4
     python main.py                               # the seed's command: defaults on ./data, all folds
     python main.py --batch=4 --mode="test" --model_name 1.pth   # the seed's test command
+    python main.py --fold all --save-every 500   # after a crash: the same command continues the run
 
 Artifacts (under --work-dir): folds/, models/<exp>/<backbone>/fold<k>/, oof/<exp>/<backbone>/fold<k>.csv.
 Test mode writes --prediction_file (default prediction.txt) as `name label` lines.
@@ -76,6 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
             "not given)",
         )
     p.add_argument("--refold", action="store_true", help="rebuild folds/folds.csv even if it matches")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_true",
+        default=True,
+        help="continue an unfinished fold from its last.pt (settings must match; default: on)",
+    )
+    resume.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="train unfinished folds from scratch, replacing their checkpoints (default: resume)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also save last.pt every N training batches, for a mid-epoch resume of long epochs "
+        "(default: at the end of each epoch only)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train folds from scratch even when their OOF files are finished and current "
+        "(default: skip them)",
+    )
     p.add_argument(
         "--mode",
         choices=("train", "test"),
@@ -316,6 +345,8 @@ def check_models(cfg: RunConfig, backbones: list[str], n_images: int, n_folds: i
 
 def train(args: argparse.Namespace) -> int:
     """Train mode: every (fold, backbone) pair asked for, after checking data, weights, device and folds."""
+    if args.save_every is not None and args.save_every < 1:
+        raise FoldkitError(f"--save-every {args.save_every}: expected a number of batches >= 1")
     cfg, backbones, folds, n_images = preflight(args)  # before torch is imported: answers in a second
     from foldkit.folds import ensure_folds, fold_settings
     from foldkit.train import fit_fold
@@ -329,18 +360,21 @@ def train(args: argparse.Namespace) -> int:
     results = []
     for fold in folds:
         for backbone in backbones:
-            results.append(
-                fit_fold(cfg, backbone, fold, folds_df, meta["hash"], args.data_dir, args.work_dir, exp)
-            )
+            result = fit_fold(
+                cfg, backbone, fold, folds_df, meta["hash"], args.data_dir, args.work_dir, exp,
+                resume=args.resume, force=args.force, save_every=args.save_every,
+            )  # fmt: skip
+            results.append(result)
     for r in results:
         log.info(
-            "done: %s fold %d best epoch %d %s %.4f -> %s",
+            "done: %s fold %d best epoch %d %s %.4f -> %s%s",
             r["backbone"],
             r["fold"],
             r["best_epoch"],
             cfg.train.metric,
             r["score"],
             r["oof"],
+            " (finished before: skipped)" if r.get("skipped") else "",
         )
     return 0
 

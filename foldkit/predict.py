@@ -10,6 +10,8 @@ import functools
 import hashlib
 import logging
 import os
+import pickle
+import re
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -140,6 +142,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FoldkitError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler met a global it will not run
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise FoldkitError(
+            f"{path}: refused, not loaded: it holds a pickled Python object{what} that could run code "
+            "when loaded. foldkit checkpoints hold only tensors and plain values; load only files "
+            "foldkit wrote, or that you trust and convert yourself."
+        ) from None
     except Exception as exc:
         raise FoldkitError(f"{path}: not a loadable foldkit checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:

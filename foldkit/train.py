@@ -5,8 +5,10 @@ when on), AMP on CUDA, channels_last, gradient clipping and accumulation, early 
 chosen metric. After the last epoch the best checkpoint predicts the holdout with the config's TTA
 through ``foldkit.predict``, the same path test inference uses.
 
-Room is left for crash-safe resume (``last.pt`` holds optimizer, scheduler and EMA state) and for
-torchrun DDP (the loaders are built in one place, ``_loaders``).
+Crash-safe: ``last.pt`` is rewritten (atomically) after every epoch and, with ``save_every``, every N
+batches; a re-run continues from it and ends with the OOF an uninterrupted run would have written
+(what it holds and the checks before reuse: ``foldkit.resume``). A finished fold is skipped. Room is
+left for torchrun DDP (the loaders are built in one place, ``_loaders``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import logging
 import math
 import os
 import random
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +51,25 @@ from foldkit.predict import (
     predict_probs,
 )
 from foldkit.report import metrics
+from foldkit.resume import (
+    Progress,
+    check_compatible,
+    config_changes,
+    finished_oof,
+    is_resumable,
+    module_state,
+    restore_trainer,
+    set_rng_state,
+    trainer_state,
+)
 from foldkit.store import FileSet, Store, open_images
 
 log = logging.getLogger(__name__)
 
 _SYNC_EVERY = 25  # batches between host reads of the running loss (progress bar cadence)
+# Test hook: SIGKILL this process right after the given optimizer step (and any save due at it), so
+# the resume tests kill a real run at an exact point. Never set outside tests.
+_KILL_ENV = "FOLDKIT_TEST_KILL_AT_STEP"
 
 
 @dataclass
@@ -153,6 +171,11 @@ def _loaders(
     train_dl = make_loader(
         train_ds, cfg.train.batch_size, True, dc.workers, cfg.seed, pin, True, dc.prefetch_factor
     )
+    # Each new iterator draws its workers' base seed from this generator, not the global torch RNG:
+    # dropout's random stream then does not depend on when the iterator was made, so a run resumed
+    # mid-epoch (a fresh iterator) continues the exact stream of the run it replaces. The batches
+    # themselves never depend on it (EpochBatchSampler seeds them).
+    train_dl.generator = torch.Generator().manual_seed(cfg.seed)
     cl = cfg.train.channels_last
     to_device = DeviceTransform(dc.img_size, mean, std, device, cl)
     val_dl = eval_loader(
@@ -176,42 +199,90 @@ class _Trainer:
     ema: timm.utils.ModelEmaV3 | None
     scaler: torch.amp.GradScaler
     step: int = 0
+    label: str = ""  # "<backbone> fold <k>", for error messages
+    kill_at: int | None = None  # test hook (_KILL_ENV)
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def train_epoch(self, loader: DeviceLoader, epoch: int) -> tuple[float, float]:
-        """One pass over ``loader``; returns (mean loss, images per second).
+    def train_epoch(
+        self,
+        loader: DeviceLoader,
+        progress: Progress,
+        save: Callable[[Progress], None] | None = None,
+        save_every: int | None = None,
+    ) -> tuple[float, float]:
+        """Train epoch ``progress.epoch`` from batch ``progress.batch`` on; returns (mean loss of the
+        whole epoch, images per second of this pass).
 
-        The running loss stays on the device and is read back only every ``_SYNC_EVERY`` batches
-        (for the progress bar) and at the end: a per-step ``.item()`` would stall the GPU queue.
+        The running loss stays on the device and is read back (and checked for NaN/inf) only every
+        ``_SYNC_EVERY`` batches and at the end: a per-step ``.item()`` would stall the GPU queue. With
+        ``save_every``, ``save`` gets the partial epoch's progress at the first optimizer step at or
+        after every ``save_every`` batches: never mid-accumulation, whose summed gradients no
+        checkpoint holds.
         """
-        tc = self.cfg.train
+        tc, epoch, first = self.cfg.train, progress.epoch, progress.batch
         self.model.train()
-        loader.batch_sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch, first)
         n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
-        total = torch.zeros((), device=self.device)
-        seen, start = 0, time.perf_counter()
-        bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-        for i, (images, labels, _) in enumerate(bar):
+        total = torch.tensor(progress.loss_sum, dtype=torch.float32, device=self.device)
+        seen, fresh, good, start = progress.seen, 0, self.step, time.perf_counter()
+        next_save = (first // save_every + 1) * save_every if save and save_every else None
+        bar = tqdm(
+            loader, total=n_batches, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True
+        )
+        for i, (images, labels, _) in enumerate(bar, start=first):
             if i >= n_batches:
                 break
             targets = labels * (1 - tc.label_smoothing) + 0.5 * tc.label_smoothing
             with autocast(self.device, self.dtype):
                 loss = self.criterion(self.model(images).float().reshape(-1), targets)
             self.scaler.scale(loss / tc.accum_steps).backward()
-            if (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches:
+            stepped = (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches
+            if stepped:
                 self._optimizer_step()
             total += loss.detach() * len(images)
-            seen += len(images)
+            seen, fresh = seen + len(images), fresh + len(images)
             if (i + 1) % _SYNC_EVERY == 0 or i + 1 == n_batches:
+                loss_sum, good = self._checked_sum(total, epoch, good), self.step
                 bar.set_postfix(
-                    loss=f"{total.item() / seen:.4f}",
+                    loss=f"{loss_sum / seen:.4f}",
                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                    img_s=f"{seen / max(1e-9, time.perf_counter() - start):.0f}",
+                    img_s=f"{fresh / max(1e-9, time.perf_counter() - start):.0f}",
                 )
+            if next_save is not None and stepped and next_save <= i + 1 < n_batches:
+                loss_sum, good = self._checked_sum(total, epoch, good), self.step
+                self.check_weights(epoch)
+                save(replace(progress, batch=i + 1, loss_sum=loss_sum, seen=seen))
+                next_save = ((i + 1) // save_every + 1) * save_every
+            if stepped and self.step == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
         mean_loss = total.item() / max(1, seen)  # syncs, so the rate below counts finished work
-        return mean_loss, seen / max(1e-9, time.perf_counter() - start)
+        self.check_weights(epoch)
+        return mean_loss, fresh / max(1e-9, time.perf_counter() - start)
+
+    def _checked_sum(self, total: torch.Tensor, epoch: int, good: int) -> float:
+        """Read the running loss sum back (a host sync); stop the fold on NaN/inf. The sum carries a
+        NaN on, so the bad step lies after ``good``, the step of the last finite read."""
+        value = float(total.item())
+        if not math.isfinite(value):
+            raise FoldkitError(
+                f"{self.label}: the training loss became {value} in epoch {epoch}, between optimizer "
+                f"steps {good + 1} and {self.step}. Training stopped; the checkpoints saved before "
+                "are kept as they were. Try a lower train.lr, train.grad_clip, or --set train.amp=bf16."
+            )
+        return value
+
+    def check_weights(self, epoch: int) -> None:
+        """Refuse to go on (and so to save) with NaN/inf weights: a finite loss can still be followed
+        by an update that breaks them (an overflowing gradient)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise FoldkitError(
+                f"{self.label}: the weights became NaN/inf in epoch {epoch}, by optimizer step "
+                f"{self.step}. Training stopped; the checkpoints saved before are kept as they were. "
+                "Try a lower train.lr, train.grad_clip, or --set train.amp=bf16."
+            )
 
     def _optimizer_step(self) -> None:
         if self.cfg.train.grad_clip is not None:
@@ -227,7 +298,12 @@ class _Trainer:
 
 
 def _make_trainer(
-    cfg: RunConfig, model: nn.Module, device: torch.device, steps_per_epoch: int, pos_weight: float
+    cfg: RunConfig,
+    model: nn.Module,
+    device: torch.device,
+    steps_per_epoch: int,
+    pos_weight: float,
+    label: str = "",
 ) -> _Trainer:
     tc = cfg.train
     if tc.channels_last:
@@ -255,7 +331,10 @@ def _make_trainer(
     dtype = amp_dtype(cfg, device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return _Trainer(cfg, model, device, dtype, criterion, optimizer, scheduler, ema, scaler)
+    kill_at = int(os.environ[_KILL_ENV]) if os.environ.get(_KILL_ENV) else None
+    return _Trainer(
+        cfg, model, device, dtype, criterion, optimizer, scheduler, ema, scaler, 0, label, kill_at
+    )
 
 
 def warm_up(trainer: _Trainer) -> float:
@@ -289,8 +368,10 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("_orig_mod."): v.detach().cpu().clone() for k, v in module.state_dict().items()}
+def _save_last(trainer: _Trainer, path: Path, payload: dict[str, Any], progress: Progress) -> None:
+    """``last.pt``: the eval weights (usable like best.pt) plus everything a resume needs."""
+    state = {**payload, "model": module_state(trainer.eval_model()), **trainer_state(trainer, progress)}
+    _save_checkpoint(path, state)
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -319,69 +400,177 @@ def fit_fold(
     data_dir: Path,
     work_dir: Path,
     exp: str,
+    resume: bool = True,
+    force: bool = False,
+    save_every: int | None = None,
 ) -> dict[str, Any]:
     """Train ``backbone`` on folds != ``fold``, select on fold ``fold``, write the fold's OOF file.
 
+    A fold whose OOF files match its ``best.pt`` and today's settings is skipped (``force``: trained
+    again from scratch); an unfinished one continues from its ``last.pt`` when ``resume``.
+    ``save_every``: also save ``last.pt`` every that many training batches (long epochs).
     Returns a summary: best epoch, score, and the paths written.
     """
     paths = RunPaths.of(work_dir, exp, backbone, fold)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
+    config, label = to_dict(cfg), f"{backbone} fold {fold}"
+    done = None if force else finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
+    if done is not None:
+        changed = config_changes(done.get("config", {}), config)
+        if done.get("folds_hash") == folds_hash and not changed:
+            log.info("%s: finished (its OOF matches best.pt): skipped; --force trains it again", label)
+            best = load_checkpoint(paths.model_dir / "best.pt")
+            return _summary(backbone, fold, done["best_epoch"], best["score"], paths, skipped=True)
+        log.info("%s: finished with other settings (%s): training it again", label, "; ".join(changed))
+    ckpt = (
+        _resumable(paths, config, folds_hash, backbone, fold)
+        if resume and done is None and not force
+        else None
+    )
     # A retrain makes the old OOF of this fold stale the moment a new best.pt appears: remove it
     # first, so an interrupted run leaves a missing fold (named by ensemble.py), never a wrong one.
     paths.oof_csv.unlink(missing_ok=True)
     paths.oof_meta.unlink(missing_ok=True)
+    if ckpt is None:  # a run started over must not be resumed as the one it replaces
+        (paths.model_dir / "last.pt").unlink(missing_ok=True)
     handler = _attach_log(paths.model_dir)
     try:
-        seed_everything(cfg.seed, cfg.deterministic)
-        device = resolve_device(cfg.device)
-        save_config(cfg, paths.model_dir / "config.yaml")
-        train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
-        images = open_images(  # before any CUDA work: the build forks decoding processes
-            data_dir, work_dir, folds_df, "trainval", cfg.data.cache, _store_size(cfg),
-            None if cfg.data.workers is None else max(1, cfg.data.workers), cfg.data.on_bad_image,
-        )  # fmt: skip
-        model = create_model(cfg, backbone)
-        mean, std = data_stats(model)
-        model.to(device)
-        train_dl, val_dl = _loaders(cfg, images, train_df, val_df, mean, std, device)
-        steps = min(len(train_dl), cfg.train.max_train_batches or len(train_dl))
-        trainer = _make_trainer(cfg, model, device, steps, _pos_weight(cfg, train_df.label.to_numpy()))
-        log.info(
-            "%s fold %d: %d train / %d val images, %d params, device %s, amp %s",
-            backbone,
-            fold,
-            len(train_df),
-            len(val_df),
-            count_params(model),
-            device,
-            trainer.dtype,
+        best_epoch, best_score = _train_fold(
+            cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, ckpt, save_every
         )
-        base = {
-            "backbone": backbone,
-            "fold": fold,
-            "config": to_dict(cfg),
-            "folds_hash": folds_hash,
-            "mean": list(mean),
-            "std": list(std),
-            "metric": cfg.train.metric,
-            "store_size": list(images.size),
-            "foldkit_version": __version__,
-        }
-        if device.type == "cuda":
-            log.info("warm-up (cuDNN autotuning, CUDA kernel loading): %.1f s", warm_up(trainer))
-        best_epoch, best_score = _epochs(trainer, train_dl, val_dl, val_df, paths, base)
-        oof = write_oof(cfg, paths, val_df, images, folds_hash, device, trainer.dtype)
     finally:
         logging.getLogger("foldkit").removeHandler(handler)
         handler.close()
+    return _summary(backbone, fold, best_epoch, best_score, paths)
+
+
+def _summary(
+    backbone: str, fold: int, best_epoch: int, score: float, paths: RunPaths, skipped: bool = False
+) -> dict[str, Any]:
     return {
         "backbone": backbone,
         "fold": fold,
         "best_epoch": best_epoch,
-        "score": best_score,
+        "score": float(score),
         "model_dir": str(paths.model_dir),
-        "oof": str(oof),
+        "oof": str(paths.oof_csv),
+        "skipped": skipped,
     }
+
+
+def _resumable(
+    paths: RunPaths, config: dict[str, Any], folds_hash: str, backbone: str, fold: int
+) -> dict[str, Any] | None:
+    """The unfinished run's ``last.pt`` to continue from, or None to start afresh; refuses one made
+    with other settings (``foldkit.resume.check_compatible``)."""
+    last = paths.model_dir / "last.pt"
+    if not last.is_file():
+        return None
+    ckpt = load_checkpoint(last)
+    if not is_resumable(ckpt):
+        log.warning("%s holds no resume state (an older foldkit wrote it): training from scratch", last)
+        return None
+    check_compatible(ckpt, config, folds_hash, backbone, fold, last)
+    return ckpt
+
+
+def _train_fold(
+    cfg: RunConfig,
+    backbone: str,
+    fold: int,
+    folds_df: pd.DataFrame,
+    folds_hash: str,
+    data_dir: Path,
+    work_dir: Path,
+    paths: RunPaths,
+    ckpt: dict[str, Any] | None,
+    save_every: int | None,
+) -> tuple[int, float]:
+    """Build data, model and trainer (restored from ``ckpt`` when resuming), run the epochs, write the
+    OOF; returns (best epoch, best score)."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    save_config(cfg, paths.model_dir / "config.yaml")
+    train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
+    images = open_images(  # before any CUDA work: the build forks decoding processes
+        data_dir, work_dir, folds_df, "trainval", cfg.data.cache, _store_size(cfg),
+        None if cfg.data.workers is None else max(1, cfg.data.workers), cfg.data.on_bad_image,
+    )  # fmt: skip
+    label = f"{backbone} fold {fold}"
+    train_df, val_df = _drop_bad(images, train_df, val_df, label)
+    model = create_model(cfg, backbone)
+    mean, std = data_stats(model)
+    model.to(device)
+    train_dl, val_dl = _loaders(cfg, images, train_df, val_df, mean, std, device)
+    steps = min(len(train_dl), cfg.train.max_train_batches or len(train_dl))
+    pos_weight = _pos_weight(cfg, train_df.label.to_numpy())
+    trainer = _make_trainer(cfg, model, device, steps, pos_weight, label)
+    progress = Progress() if ckpt is None else restore_trainer(trainer, ckpt)
+    log.info(
+        "%s: %d train / %d val images, %d params, device %s, amp %s",
+        label, len(train_df), len(val_df), count_params(model), device, trainer.dtype,
+    )  # fmt: skip
+    if ckpt is not None:
+        log.info(
+            "%s: resuming from %s at epoch %d, batch %d (optimizer step %d)",
+            label, paths.model_dir / "last.pt", progress.epoch, progress.batch, trainer.step,
+        )  # fmt: skip
+    base = {
+        "backbone": backbone,
+        "fold": fold,
+        "config": to_dict(cfg),
+        "folds_hash": folds_hash,
+        "mean": list(mean),
+        "std": list(std),
+        "metric": cfg.train.metric,
+        "store_size": list(images.size),
+        "foldkit_version": __version__,
+    }
+    try:
+        if device.type == "cuda":
+            log.info("warm-up (cuDNN autotuning, CUDA kernel loading): %.1f s", warm_up(trainer))
+        if ckpt is not None:  # last: after every set-up step that draws random numbers
+            set_rng_state(ckpt["rng"])
+        best_epoch, best_score = _epochs(trainer, train_dl, val_dl, val_df, paths, base, progress, save_every)
+        write_oof(cfg, paths, val_df, images, folds_hash, device, trainer.dtype)
+    except torch.OutOfMemoryError:
+        raise FoldkitError(_oom_message(cfg, label)) from None
+    return best_epoch, best_score
+
+
+def _drop_bad(
+    images: Store | FileSet, train_df: pd.DataFrame, val_df: pd.DataFrame, label: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Leave out the images the store could not decode (``data.on_bad_image: skip`` records them and
+    stores black rows): no model should learn from a blank face or be scored on one. Their OOF rows
+    are then missing in every model alike."""
+    bad = getattr(images, "bad", set())  # a FileSet decodes per epoch and records nothing
+    drop_train, drop_val = train_df.path.isin(bad), val_df.path.isin(bad)
+    names = [*train_df.name[drop_train], *val_df.name[drop_val]]
+    if names:
+        log.warning(
+            "%s: leaving out %d unreadable image(s) (%d train, %d validation): %s%s",
+            label, len(names), int(drop_train.sum()), int(drop_val.sum()), ", ".join(names[:5]),
+            " ..." if len(names) > 5 else "",
+        )  # fmt: skip
+    return train_df[~drop_train], val_df[~drop_val]
+
+
+def _oom_message(cfg: RunConfig, label: str) -> str:
+    """What to change when the GPU runs out of memory: the batch, keeping its effective size."""
+    tc = cfg.train
+    half = max(1, tc.batch_size // 2)
+    return (
+        f"{label}: CUDA out of memory at batch size {tc.batch_size} (img_size {cfg.data.img_size}, "
+        f"accum_steps {tc.accum_steps}). Pass a smaller --batch, e.g. --batch {half} "
+        f"--set train.accum_steps={tc.accum_steps * 2} to keep the effective batch of "
+        f"{tc.batch_size * tc.accum_steps}. The checkpoints saved so far are kept; the run resumes from "
+        "last.pt only with the same settings (--no-resume starts the fold over)."
+    )
+
+
+def _patience_spent(cfg: RunConfig, progress: Progress) -> bool:
+    return cfg.train.patience is not None and progress.stale >= cfg.train.patience
 
 
 def _epochs(
@@ -391,67 +580,58 @@ def _epochs(
     val_df: pd.DataFrame,
     paths: RunPaths,
     base: dict,
+    progress: Progress,
+    save_every: int | None = None,
 ) -> tuple[int, float]:
-    """The epoch loop: train, validate, log, checkpoint (best and last), stop early; returns the best
-    epoch and its score."""
+    """The epoch loop from ``progress`` on: train, validate, log, checkpoint (best and last), stop
+    early; returns the best epoch and its score. A resumed run that had already stopped trains
+    nothing and returns the saved best."""
     cfg = trainer.cfg
     y_val = val_df.label.to_numpy().astype(np.float64)
-    history: list[dict[str, Any]] = []
-    best_score, best_epoch, stale = -np.inf, -1, 0
-    for epoch in range(1, cfg.train.epochs + 1):
-        train_loss, rate = trainer.train_epoch(train_dl, epoch)
+    last = paths.model_dir / "last.pt"
+
+    def save_partial(p: Progress) -> None:
+        _save_last(trainer, last, {**base, "epoch": p.epoch}, p)
+
+    while progress.epoch <= cfg.train.epochs and not _patience_spent(cfg, progress):
+        epoch = progress.epoch
+        train_loss, rate = trainer.train_epoch(train_dl, progress, save_partial, save_every)
         probs = predict_probs(
             trainer.eval_model(), val_dl, trainer.device, (), trainer.dtype, desc="validate"
         )
         m = epoch_metrics(y_val, probs)
         lr = trainer.optimizer.param_groups[0]["lr"]
-        history.append({"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "img_s": rate})
-        _write_history(paths.model_dir / "history.csv", history)
-        log.info(
-            "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f auc %.4f f1@0.5 %.4f best_f1 %.4f @ %.3f"
-            "  %.0f img/s",
-            base["backbone"],
-            base["fold"],
-            epoch,
-            cfg.train.epochs,
-            train_loss,
-            m["val_loss"],
-            m["auc"],
-            m["f1_05"],
-            m["best_f1"],
-            m["threshold"],
-            rate,
-        )
+        progress.history.append({"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "img_s": rate})
+        _write_history(paths.model_dir / "history.csv", progress.history)
+        _log_epoch(base, epoch, cfg.train.epochs, train_loss, m, rate)
         score = _score(m, cfg.train.metric)
         score = -np.inf if np.isnan(score) else score  # e.g. AUC on a one-class holdout
         payload = {**base, "epoch": epoch, "score": score, "threshold": m["threshold"], "val": m}
-        if score > best_score or best_epoch < 0:  # epoch 1 is always saved, so best.pt exists
-            best_score, best_epoch, stale = score, epoch, 0
-            _save_checkpoint(paths.model_dir / "best.pt", {**payload, "model": _state(trainer.eval_model())})
-        else:
-            stale += 1
-        _save_checkpoint(
-            paths.model_dir / "last.pt",
-            {
-                **payload,
-                "model": _state(trainer.eval_model()),
-                "raw_model": _state(trainer.model),
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(),
-                "step": trainer.step,
-                **({"ema": _state(trainer.ema.module)} if trainer.ema is not None else {}),
-            },
-        )
-        if cfg.train.patience is not None and stale >= cfg.train.patience:
-            log.info(
-                "%s fold %d: early stop after epoch %d (best epoch %d)",
-                base["backbone"],
-                base["fold"],
-                epoch,
-                best_epoch,
+        if score > progress.best_score or progress.best_epoch < 0:  # epoch 1 is always saved
+            progress.best_score, progress.best_epoch, progress.stale = score, epoch, 0
+            _save_checkpoint(
+                paths.model_dir / "best.pt", {**payload, "model": module_state(trainer.eval_model())}
             )
-            break
-    return best_epoch, float(best_score)
+        else:
+            progress.stale += 1
+        progress = replace(progress, epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0)
+        _save_last(trainer, last, payload, progress)
+        if _patience_spent(cfg, progress):
+            log.info(
+                "%s: early stop after epoch %d (best epoch %d)", trainer.label, epoch, progress.best_epoch
+            )
+    return progress.best_epoch, float(progress.best_score)
+
+
+def _log_epoch(
+    base: dict, epoch: int, epochs: int, train_loss: float, m: dict[str, float], rate: float
+) -> None:
+    log.info(
+        "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f auc %.4f f1@0.5 %.4f best_f1 %.4f @ %.3f"
+        "  %.0f img/s",
+        base["backbone"], base["fold"], epoch, epochs, train_loss, m["val_loss"], m["auc"], m["f1_05"],
+        m["best_f1"], m["threshold"], rate,
+    )  # fmt: skip
 
 
 def write_oof(
