@@ -349,20 +349,21 @@ def train(args: argparse.Namespace) -> int:
         raise FoldkitError(f"--save-every {args.save_every}: expected a number of batches >= 1")
     cfg, backbones, folds, n_images = preflight(args)  # before torch is imported: answers in a second
     from foldkit.folds import ensure_folds, fold_settings
-    from foldkit.train import fit_fold
+    from foldkit.train import fit_fold, open_trainval_images
 
     exp = args.exp or Path(args.config).stem
     check_models(cfg, backbones, n_images, len(folds))
     guard_refold(args.work_dir, cfg, args.refold)
+    images = open_trainval_images(cfg, args.data_dir, args.work_dir)  # bad images stop here, named
     folds_df, meta = ensure_folds(
-        args.data_dir, args.work_dir, **fold_settings(cfg.data), force=args.refold
+        args.data_dir, args.work_dir, **fold_settings(cfg.data), force=args.refold, exclude=images.bad
     )  # every fold setting of the config's data section, allow_unmatched included
     results = []
     for fold in folds:
         for backbone in backbones:
             result = fit_fold(
                 cfg, backbone, fold, folds_df, meta["hash"], args.data_dir, args.work_dir, exp,
-                resume=args.resume, force=args.force, save_every=args.save_every,
+                resume=args.resume, force=args.force, save_every=args.save_every, images=images,
             )  # fmt: skip
             results.append(result)
     for r in results:

@@ -42,12 +42,12 @@ _MAX_TEXT = 80
 class DataError(FoldkitError):
     """Bad or missing input data; lists every problem found (up to 20) so one run shows them all."""
 
-    def __init__(self, problems: Sequence[str]) -> None:
+    def __init__(self, problems: Sequence[str], hint: str | None = None) -> None:
         self.problems = list(problems)
         lines = [f"the data has {len(self.problems)} problem(s):", *self.problems[:_MAX_LISTED]]
         if len(self.problems) > _MAX_LISTED:
             lines.append(f"... and {len(self.problems) - _MAX_LISTED} more")
-        super().__init__("\n".join(lines))
+        super().__init__("\n".join(lines + ([hint] if hint else [])))
 
 
 def label_file(data_dir: Path, phase: str) -> Path:

@@ -38,7 +38,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -512,12 +512,14 @@ def ensure_folds(
     allow_unmatched: bool = False,
     force: bool = False,
     workers: int | None = None,
+    exclude: Collection[str] = (),
 ) -> tuple[pd.DataFrame, dict]:
     """Reuse folds made with the same settings on the same data, else rebuild and write them.
 
     Every model of the ensemble must see the same folds, so they are made once and only remade when
     the settings or the data index change. ``allow_unmatched`` is not a setting of the folds (it only
-    permits a regex that misses many names), so it never forces a rebuild.
+    permits a regex that misses many names), so it never forces a rebuild. ``exclude``: image paths
+    left out of the folds (unreadable ones under ``on_bad_image: skip``); the data hash covers them.
     """
     settings = {
         "k": k,
@@ -529,6 +531,9 @@ def ensure_folds(
         "near_dup_max_group": near_dup_max_group,
     }
     index = read_trainval(Path(data_dir))
+    if len(exclude):
+        index = index[~index["path"].isin(set(exclude))].reset_index(drop=True)
+        logger.info("leaving %d unreadable image(s) out of the folds", len(exclude))
     reason = "--force" if force else _stale_reason(Path(work_dir), settings, index_hash(index))
     if reason is None:
         df, meta = load_folds(Path(work_dir))

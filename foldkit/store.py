@@ -25,6 +25,7 @@ file named with its label-file line (exit status 2), before any training starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ MAX_SIDE = 4096
 #: cautious answer when F1 is scored on the fake class.
 BAD_IMAGE_LABEL = 0
 _CHUNK = 256  # images per worker task: small enough for a smooth progress bar, large enough to amortise IPC
+_SKIP_HINT = "(--set data.on_bad_image=skip leaves them out of training and gives test ones the fallback)"
 
 
 def store_dir(work_dir: Path, split: str, size: tuple[int, int]) -> Path:
@@ -109,8 +111,10 @@ def fit_size(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 _worker_state: dict = {}
 
 
-def _init_worker(data_path: str, root: str, size: tuple[int, int]) -> None:
-    _worker_state.update(fd=os.open(data_path, os.O_WRONLY), root=root, size=size)
+def _init_worker(data_path: str | None, root: str, size: tuple[int, int]) -> None:
+    """``data_path`` None: decode only (the full check when there is no store)."""
+    fd = None if data_path is None else os.open(data_path, os.O_WRONLY)
+    _worker_state.update(fd=fd, root=root, size=size)
 
 
 def _decode_rows(task: tuple[int, list[str]]) -> list[tuple[int, str]]:
@@ -129,16 +133,23 @@ def _decode_rows(task: tuple[int, list[str]]) -> list[tuple[int, str]]:
         except ValueError as exc:
             problems.append((start + offset, str(exc)))
             continue
-        os.pwrite(_worker_state["fd"], image.tobytes(), (start + offset) * row_bytes)
+        if _worker_state["fd"] is not None:
+            os.pwrite(_worker_state["fd"], image.tobytes(), (start + offset) * row_bytes)
     return problems
 
 
 def _fill(
-    data_path: Path, data_dir: Path, paths: Sequence[str], size: tuple[int, int], workers: int, desc: str
-):
-    """Decode ``paths`` into the preallocated file at ``data_path`` with ``workers`` processes."""
+    data_path: Path | None,
+    data_dir: Path,
+    paths: Sequence[str],
+    size: tuple[int, int],
+    workers: int,
+    desc: str,
+) -> list[tuple[int, str]]:
+    """Decode ``paths`` into the preallocated file at ``data_path`` (None: decode only) with
+    ``workers`` processes; the ``(row, problem)`` of every image that could not be decoded."""
     tasks = [(i, list(paths[i : i + _CHUNK])) for i in range(0, len(paths), _CHUNK)]
-    init = (str(data_path), str(data_dir), size)
+    init = (None if data_path is None else str(data_path), str(data_dir), size)
     problems: list[tuple[int, str]] = []
     bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True, disable=len(paths) < 2000)
     if workers <= 1 or len(tasks) == 1:
@@ -148,7 +159,8 @@ def _fill(
                 problems += _decode_rows(task)
                 bar.update(len(task[1]))
         finally:
-            os.close(_worker_state.pop("fd"))
+            if (fd := _worker_state.pop("fd")) is not None:
+                os.close(fd)
     else:
         with multiprocessing.get_context("fork").Pool(workers, _init_worker, init) as pool:
             for task, found in zip(tasks, pool.imap(_decode_rows, tasks), strict=True):
@@ -296,15 +308,19 @@ def _build(
     (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
     workers = max(1, workers or len(os.sched_getaffinity(0)))
     start = time.perf_counter()
-    with atomic_path(folder / "images.u8") as tmp:
-        with open(tmp, "wb") as fh:
-            fh.truncate(len(index) * size[0] * size[1] * 3)  # sparse until written
-        problems = _fill(tmp, data_dir, index["path"].tolist(), size, workers, f"store {folder.name}")
-        if problems and on_bad_image != "skip":
-            raise DataError(
-                [*describe_bad(data_dir, index, problems), "(set data.on_bad_image: skip to leave them out)"]
-            )
-        atomic_write_text(folder / "index.csv", index[["path"]].to_csv(index=False, lineterminator="\n"))
+    try:
+        with atomic_path(folder / "images.u8") as tmp:
+            with open(tmp, "wb") as fh:
+                fh.truncate(len(index) * size[0] * size[1] * 3)  # sparse until written
+            problems = _fill(tmp, data_dir, index["path"].tolist(), size, workers, f"store {folder.name}")
+            if problems and on_bad_image != "skip":
+                raise DataError(describe_bad(data_dir, index, problems), _SKIP_HINT)
+            atomic_write_text(folder / "index.csv", index[["path"]].to_csv(index=False, lineterminator="\n"))
+    except DataError:
+        for empty in (folder, folder.parent):  # only if empty: a failed first build leaves nothing
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
     seconds = time.perf_counter() - start
     paths = index["path"].to_numpy()
     bad = {str(paths[row]): problem for row, problem in problems}
@@ -394,10 +410,11 @@ def recorded_bad(work_dir: Path, split: str) -> set[str]:
 
 
 class FileSet:
-    """The image files themselves at one size (``data.cache: false``); quacks like ``Store.source``."""
+    """The image files themselves at one size (``data.cache: false``); quacks like ``Store.source``.
+    ``bad``: the paths the up-front check could not decode (``on_bad_image: skip``)."""
 
-    def __init__(self, data_dir: Path, size: tuple[int, int]) -> None:
-        self.data_dir, self.size = Path(data_dir), tuple(size)
+    def __init__(self, data_dir: Path, size: tuple[int, int], bad: set[str] | None = None) -> None:
+        self.data_dir, self.size, self.bad = Path(data_dir), tuple(size), set(bad or ())
 
     def source(self, paths: Sequence[str]) -> FileSource:
         return FileSource(self.data_dir, paths, self.size)
@@ -413,10 +430,26 @@ def open_images(
     workers: int | None = None,
     on_bad_image: str = "error",
 ) -> Store | FileSet:
-    """The images of ``index``: its store (built or reused) when ``cache``, else the files."""
+    """The images of ``index``: its store (built or reused) when ``cache``, else the files after a
+    full decode check. Either way an unreadable image is found here, before any training."""
     if cache:
         return ensure_store(data_dir, work_dir, index, split, size, workers, on_bad_image)
-    return FileSet(data_dir, tuple(size) if size else native_size(data_dir, index))
+    size = tuple(size) if size else native_size(data_dir, index)
+    return FileSet(data_dir, size, check_images(data_dir, index, size, workers, on_bad_image))
+
+
+def check_images(
+    data_dir: Path, index: pd.DataFrame, size: tuple[int, int], workers: int | None, on_bad_image: str
+) -> set[str]:
+    """Decode every image once, in parallel, writing nothing (the store's build without a store):
+    ``DataError`` naming each bad file with its label-file line, or with ``skip`` their paths."""
+    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    problems = _fill(None, data_dir, index["path"].tolist(), size, workers, "check images")
+    if problems and on_bad_image != "skip":
+        raise DataError(describe_bad(data_dir, index, problems), _SKIP_HINT)
+    for line in describe_bad(data_dir, index, problems)[:20]:
+        log.warning("skipping unreadable image %s", line)
+    return {str(index["path"].iat[row]) for row, _ in problems}
 
 
 # --------------------------------------------------------------------------------------------------

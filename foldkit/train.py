@@ -38,6 +38,7 @@ from foldkit import __version__
 from foldkit.augment import train_transform
 from foldkit.blend import best_threshold
 from foldkit.config import RunConfig, save_config, to_dict
+from foldkit.data import read_trainval
 from foldkit.dataset import ImageDataset, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
@@ -386,6 +387,25 @@ def _attach_log(model_dir: Path) -> logging.Handler:
     return handler
 
 
+def open_trainval_images(cfg: RunConfig, data_dir: Path, work_dir: Path) -> Store | FileSet:
+    """Every train + validate image, decoded once: the store (built or reused), or with
+    ``data.cache: false`` a full decode check. Unreadable images stop here (exit 2, each named with
+    its label-file line) or, with ``data.on_bad_image: skip``, are listed in ``.bad``. Call it before
+    any CUDA work: the build forks decoding processes."""
+    workers = None if cfg.data.workers is None else max(1, cfg.data.workers)
+    index = read_trainval(Path(data_dir))
+    return open_images(
+        data_dir,
+        work_dir,
+        index,
+        "trainval",
+        cfg.data.cache,
+        _store_size(cfg),
+        workers,
+        cfg.data.on_bad_image,
+    )
+
+
 def _store_size(cfg: RunConfig) -> tuple[int, int] | None:
     """The size the uint8 pipeline keeps images at: ``data.store_size``, or None for their native size."""
     return None if cfg.data.store_size is None else (cfg.data.store_size, cfg.data.store_size)
@@ -403,6 +423,7 @@ def fit_fold(
     resume: bool = True,
     force: bool = False,
     save_every: int | None = None,
+    images: Store | FileSet | None = None,
 ) -> dict[str, Any]:
     """Train ``backbone`` on folds != ``fold``, select on fold ``fold``, write the fold's OOF file.
 
@@ -436,7 +457,7 @@ def fit_fold(
     handler = _attach_log(paths.model_dir)
     try:
         best_epoch, best_score = _train_fold(
-            cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, ckpt, save_every
+            cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, ckpt, save_every, images
         )
     finally:
         logging.getLogger("foldkit").removeHandler(handler)
@@ -485,6 +506,7 @@ def _train_fold(
     paths: RunPaths,
     ckpt: dict[str, Any] | None,
     save_every: int | None,
+    images: Store | FileSet | None,
 ) -> tuple[int, float]:
     """Build data, model and trainer (restored from ``ckpt`` when resuming), run the epochs, write the
     OOF; returns (best epoch, best score)."""
@@ -492,10 +514,8 @@ def _train_fold(
     device = resolve_device(cfg.device)
     save_config(cfg, paths.model_dir / "config.yaml")
     train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
-    images = open_images(  # before any CUDA work: the build forks decoding processes
-        data_dir, work_dir, folds_df, "trainval", cfg.data.cache, _store_size(cfg),
-        None if cfg.data.workers is None else max(1, cfg.data.workers), cfg.data.on_bad_image,
-    )  # fmt: skip
+    if images is None:  # main.py opens them once, before the folds; direct callers get them here
+        images = open_trainval_images(cfg, data_dir, work_dir)
     label = f"{backbone} fold {fold}"
     train_df, val_df = _drop_bad(images, train_df, val_df, label)
     model = create_model(cfg, backbone)

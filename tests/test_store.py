@@ -286,3 +286,43 @@ def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
     assert [line.split()[0] for line in lines] == test.name.tolist()
     assert lines[2] == f"{test.name.iloc[2]} 0"
     assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_main_names_bad_images_before_folds_or_training(
+    data: Path, tmp_path: Path, cache: str, capsys
+) -> None:
+    """With the store or without it (a full decode check), bad images stop main.py before any fold or
+    model is made, each named with its label-file line."""
+    from conftest import train_tiny
+
+    expected = _break_images(data)
+    work = tmp_path / "w"
+    assert (
+        train_tiny(data, work, "--model", "test_efficientnet", "--fold", "0", "--set", f"data.cache={cache}")
+        == 2
+    )
+    err = capsys.readouterr().err
+    for lineno, name in enumerate(expected, start=1):
+        assert f"{name} ({data / 'train/train_label.txt'}:{lineno}):" in err
+    assert not work.exists() or not any(p.is_file() for p in work.rglob("*")), "nothing may be written"
+
+
+def test_skip_leaves_bad_images_out_of_folds_training_and_oof(data: Path, tmp_path: Path) -> None:
+    from conftest import train_tiny
+
+    from foldkit.folds import load_folds
+
+    expected = _break_images(data)
+    work = tmp_path / "w"
+    assert (
+        train_tiny(
+            data, work, "--model", "test_efficientnet", "--fold", "0", "--set", "data.on_bad_image=skip"
+        )
+        == 0
+    )
+    folds, _ = load_folds(work)
+    assert len(folds) == len(read_trainval(data)) - len(expected)
+    assert not set(expected) & set(folds.name)
+    oof = pd.read_csv(work / "oof/demo/test_efficientnet/fold0.csv", dtype={"name": str})
+    assert not set(expected) & set(oof.name) and len(oof) == (folds.fold == 0).sum()
