@@ -285,15 +285,16 @@ def test_resume_flags_are_in_help() -> None:
 def test_unreadable_images_are_left_out_of_training_and_validation(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    # The store records an undecodable image in ``bad`` (on_bad_image: skip; tested in test_store):
-    # stand in for it here, since main.py's data check stops on an unreadable file before the store.
+    # The store records an undecodable image in ``bad`` (on_bad_image: skip; a real corrupt file is
+    # tested end to end in test_store): stand in for it here, on the untouched tiny data set.
     import foldkit.train
+    from foldkit.data import read_trainval
 
     real = foldkit.train.open_images
 
-    def open_images(data_dir, work_dir, folds_df, *args, **kwargs):
-        store = real(data_dir, work_dir, folds_df, *args, **kwargs)
-        store.meta["bad"] = {folds_df.path.iloc[0]: "cannot identify image file"}
+    def open_images(data_dir, work_dir, index, *args, **kwargs):
+        store = real(data_dir, work_dir, index, *args, **kwargs)
+        store.meta["bad"] = {index.path.iloc[0]: "cannot identify image file"}
         return store
 
     monkeypatch.setattr(foldkit.train, "open_images", open_images)
@@ -302,11 +303,19 @@ def test_unreadable_images_are_left_out_of_training_and_validation(
         == 0
     )
     err = capsys.readouterr().err
+    bad = read_trainval(tiny_data).name.iloc[0]
     folds = pd.read_csv(tmp_path / "folds/folds.csv", dtype={"name": str})
-    bad = folds.name.iloc[0]
-    assert "leaving out 1 unreadable image(s)" in err and bad in err
+    assert "leaving 1 unreadable image(s) out of the folds" in err and bad not in set(folds.name)
     oof = pd.concat(pd.read_csv(p, dtype={"name": str}) for p in (tmp_path / "oof/demo").rglob("fold*.csv"))
-    assert bad not in set(oof.name) and len(oof) == len(folds) - 1
+    assert bad not in set(oof.name) and len(oof) == len(folds)
+    # fit_fold's own guard, for callers whose folds still list it: dropped from train and validation
+    from foldkit.train import _drop_bad
+
+    full = read_trainval(tiny_data).assign(fold=0)
+    store = open_images(tiny_data, tmp_path, read_trainval(tiny_data), "trainval", True)
+    train_df, val_df = _drop_bad(store, full.iloc[5:], full.iloc[:5], "test_efficientnet fold 0")
+    assert bad not in set(val_df.name) and len(val_df) == 4 and len(train_df) == len(full) - 5
+    assert "leaving out 1 unreadable image(s) (0 train, 1 validation)" in capsys.readouterr().err
 
 
 def test_interrupted_accumulating_run_resumes_at_an_accumulation_boundary(
