@@ -326,3 +326,17 @@ def test_skip_leaves_bad_images_out_of_folds_training_and_oof(data: Path, tmp_pa
     assert not set(expected) & set(folds.name)
     oof = pd.read_csv(work / "oof/demo/test_efficientnet/fold0.csv", dtype={"name": str})
     assert not set(expected) & set(oof.name) and len(oof) == (folds.fold == 0).sum()
+
+
+def test_device_area_resize_matches_opencv_inter_area() -> None:
+    """112 -> 64 is not an integer factor: torch's adaptive 'area' pool differs from OpenCV by up to
+    ~56 grey levels there; the device resize must match INTER_AREA (what the CPU path used)."""
+    import cv2
+
+    from foldkit.device_transforms import area_resize
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (112, 112, 3)).astype(np.float32)
+    ref = cv2.resize(img, (64, 48), interpolation=cv2.INTER_AREA)
+    out = area_resize(torch.from_numpy(img).permute(2, 0, 1)[None], (48, 64))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-3)
