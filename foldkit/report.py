@@ -556,7 +556,11 @@ def blend_vs_best(report: dict[str, Any]) -> str:
     s = report["summary"]
     gap = s["in_sample_f1"] - best
     verdict = (
-        f"the blend wins by {gap:+.4f}" if gap > 0 else "the blend does not beat it" if gap < 0 else "a tie"
+        f"the blend wins by {gap:+.4f}"
+        if gap > 0
+        else "the blend does not beat it"
+        if gap < 0
+        else "a tie: the blend does not beat it"
     )
     return (
         f"blend [{s['method']}] OOF F1 {_fmt(s['in_sample_f1'])} (nested-CV {_fmt(s['nested_cv_f1'])}) vs "
