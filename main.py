@@ -14,25 +14,18 @@ Test mode writes --prediction_file (default prediction.txt) as `name label` line
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from foldkit import PROJECT_ROOT
 from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
 from foldkit.io import FoldkitError
-
-if TYPE_CHECKING:  # torch and timm load only after the arguments are read: --help answers at once
-    from torch import nn
+from foldkit.preflight import check_models, guard_refold, preflight
 
 log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
-_MAX_LISTED = 20
 _NONE_MEANS = {"data.workers": "one per CPU core"}  # what a shortcut's null code default does
 
 
@@ -159,195 +152,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(resolve_config_path(args.config), overrides)
 
 
-def parse_folds(text: str, k: int) -> list[int]:
-    """``0``, ``0,2``, ``1..3`` (inclusive) or ``all`` -> sorted unique fold numbers in 0..k-1."""
-    if text.strip() == "all":
-        return list(range(k))
-    folds: set[int] = set()
-    try:
-        for part in (t.strip() for t in text.split(",") if t.strip()):
-            lo, _, hi = part.partition("..")
-            folds.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise FoldkitError(f"--fold {text!r}: expected 0, 0,2, 0..4 or all") from None
-    if not folds or not all(0 <= f < k for f in folds):
-        raise FoldkitError(f"--fold {text!r}: folds must be in 0..{k - 1}")
-    return sorted(folds)
-
-
-def guard_refold(work_dir: Path, cfg: RunConfig, refold: bool) -> None:
-    """Refuse to silently rebuild folds with other settings while trained OOF files depend on them
-    (they would all become unusable); ``--refold`` or another ``--work-dir`` says it is meant."""
-    meta_path = work_dir / "folds" / "folds.json"
-    if refold or not meta_path.is_file():
-        return
-    from foldkit.folds import fold_settings, settings_changes  # the rule ensure_folds rebuilds by
-
-    old = json.loads(meta_path.read_text(encoding="utf-8"))
-    changed = settings_changes(old, fold_settings(cfg.data))
-    if not changed:
-        return
-    users = sorted(
-        {
-            p.parent.parent.name
-            for p in (work_dir / "oof").glob("*/*/fold*.json")
-            if json.loads(p.read_text(encoding="utf-8")).get("folds_hash") == old.get("hash")
-        }
-    )
-    if users:
-        raise FoldkitError(
-            f"{meta_path} was made with other fold settings ({'; '.join(changed)}) and experiment(s) "
-            f"{', '.join(users)} were trained on it; rebuilding would make their OOF files unusable. "
-            "Pass --refold to rebuild anyway, or use another --work-dir."
-        )
-
-
-def select_backbones(cfg: RunConfig, model: str | None) -> list[str]:
-    """The config's backbones, or only ``--model`` (which must be one of them)."""
-    if model and model not in cfg.backbones:
-        raise FoldkitError(f"--model {model!r} is not in the config's backbones: {', '.join(cfg.backbones)}")
-    return [model] if model else list(cfg.backbones)
-
-
-def _collect(problems: list[str], check: Callable[..., Any], *args: Any) -> Any:
-    """``check(*args)``, or None with its problem(s) appended to ``problems``."""
-    from foldkit.data import DataError
-
-    try:
-        return check(*args)
-    except DataError as exc:
-        problems.extend(exc.problems)
-    except FoldkitError as exc:
-        problems.append(str(exc))
-    return None
-
-
-def check_data(data_dir: Path, problems: list[str]) -> int | None:
-    """Number of train+validate images, or None with the label files' problems appended.
-
-    The test split is not needed to train, so its problems (and test names that also appear in
-    train/validate) are warnings now rather than a surprise in ``ensemble.py --mode test`` hours later.
-    """
-    from foldkit.data import DataError, label_file, read_test, read_trainval, warn_test_overlap
-
-    if not data_dir.is_dir():
-        problems.append(
-            f"data folder not found: {data_dir.resolve()} (pass --data-dir DIR, the folder holding "
-            "train/ validate/ test/ and their label files)"
-        )
-        return None
-    trainval = _collect(problems, read_trainval, data_dir)
-    if (data_dir / "test").is_dir() or label_file(data_dir, "test").is_file():
-        try:
-            test = read_test(data_dir)
-        except DataError as exc:
-            log.warning("the test split cannot be read; ensemble.py --mode test will stop on this:\n%s", exc)
-        else:
-            if trainval is not None:
-                warn_test_overlap(trainval, test)
-    return None if trainval is None else len(trainval)
-
-
-def preflight(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[int], int]:
-    """Check everything cheap before anything slow (importing torch, the hub, hashing images): config,
-    ``--model``, ``--fold``, an explicit device, the data folder and label files. Every problem found
-    goes into one error, so one run shows them all. Returns (config, backbones, folds, image count)."""
-    problems: list[str] = []
-    cfg = _collect(problems, config_from_args, args)
-    backbones = folds = None
-    if cfg is not None:
-        backbones = _collect(problems, select_backbones, cfg, args.model)
-        folds = _collect(problems, parse_folds, args.fold, cfg.data.k)
-        if cfg.device not in ("auto", "cpu"):  # only an explicit GPU request needs torch to check
-            from foldkit.train import resolve_device
-
-            _collect(problems, resolve_device, cfg.device)
-    n_images = check_data(Path(args.data_dir), problems)
-    if len(problems) == 1:
-        raise FoldkitError(problems[0])
-    if problems:
-        more = [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
-        raise FoldkitError(
-            "\n  ".join([f"{len(problems)} problems stop this run:", *problems[:_MAX_LISTED], *more])
-        )
-    return cfg, backbones, folds, n_images
-
-
-def time_batch(model: nn.Module, img_size: int, n: int) -> float:
-    """Seconds for one forward+backward pass of ``n`` random images, after a 2-image warm-up."""
-    import torch
-
-    model.train()
-    model(torch.randn(2, 3, img_size, img_size)).sum().backward()  # first-call allocations
-    x = torch.randn(n, 3, img_size, img_size)
-    start = time.perf_counter()
-    model(x).sum().backward()
-    seconds = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return seconds
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
-def warn_cpu_fallback(cfg: RunConfig, models: dict[str, nn.Module], n_images: int, n_folds: int) -> None:
-    """``device: auto`` found no GPU: say so loudly, with an epoch time measured on one small batch,
-    before a GPU recipe quietly runs for days on the CPU."""
-    n = min(cfg.train.batch_size, 8)
-    k = cfg.data.k
-    train_n, val_n = n_images * (k - 1) // k, n_images // k
-    per_epoch = {
-        b: time_batch(m, cfg.data.img_size, n) / n * (train_n + val_n / 3) for b, m in models.items()
-    }  # validation is forward only: about a third of a training step
-    epoch = sum(per_epoch.values())
-    log.warning(
-        "device 'auto' found no CUDA GPU: training on the CPU. Measured on one batch of %d images at "
-        "%d px: about %s per epoch of %d images (%s), %s for %d epoch(s) x %d fold(s). Pass --device "
-        "cuda to insist on a GPU (it stops when there is none), or --device cpu to train on the CPU "
-        "without this warning.",
-        n,
-        cfg.data.img_size,
-        _duration(epoch),
-        n_images,
-        ", ".join(f"{b} {_duration(s)}" for b, s in per_epoch.items()),
-        _duration(epoch * cfg.train.epochs * n_folds),
-        cfg.train.epochs,
-        n_folds,
-    )
-
-
-def check_models(cfg: RunConfig, backbones: list[str], n_images: int, n_folds: int) -> None:
-    """Build every backbone once, so missing weights stop the run before any work (naming every
-    backbone whose weights are missing, not just the first); warn on an automatic CPU fallback."""
-    from foldkit.models import PretrainedUnavailable, create_model
-    from foldkit.train import resolve_device
-
-    device = resolve_device(cfg.device)
-    cpu_fallback = cfg.device == "auto" and device.type == "cpu"
-    models, missing = {}, {}
-    for backbone in backbones:
-        try:
-            model = create_model(cfg, backbone)
-        except PretrainedUnavailable as exc:
-            missing.update(exc.failures)
-            continue
-        if cpu_fallback:
-            models[backbone] = model
-    if missing:
-        raise PretrainedUnavailable(missing)
-    if cpu_fallback:
-        warn_cpu_fallback(cfg, models, n_images, n_folds)
-
-
 def train(args: argparse.Namespace) -> int:
     """Train mode: every (fold, backbone) pair asked for, after checking data, weights, device and folds."""
     if args.save_every is not None and args.save_every < 1:
         raise FoldkitError(f"--save-every {args.save_every}: expected a number of batches >= 1")
-    cfg, backbones, folds, n_images = preflight(args)  # before torch is imported: answers in a second
+    cfg, backbones, folds, n_images = preflight(  # before torch is imported: answers in a second
+        lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
+    )
     from foldkit.folds import ensure_folds, fold_settings
     from foldkit.train import fit_fold, open_trainval_images
 

@@ -16,7 +16,7 @@ import torch
 from conftest import train_tiny
 
 import main
-from foldkit import PROJECT_ROOT
+from foldkit import PROJECT_ROOT, preflight
 from foldkit.cli import run
 from foldkit.config import from_dict
 from foldkit.data import read_test
@@ -200,10 +200,10 @@ def test_oof_probabilities_are_not_constant(trained: Path) -> None:
 
 
 def test_parse_folds_accepts_lists_ranges_and_all() -> None:
-    assert main.parse_folds("all", 5) == [0, 1, 2, 3, 4]
-    assert main.parse_folds("0..4", 5) == [0, 1, 2, 3, 4]
-    assert main.parse_folds("3,1,1", 5) == [1, 3]
-    assert main.parse_folds("0,2..3", 5) == [0, 2, 3]
+    assert preflight.parse_folds("all", 5) == [0, 1, 2, 3, 4]
+    assert preflight.parse_folds("0..4", 5) == [0, 1, 2, 3, 4]
+    assert preflight.parse_folds("3,1,1", 5) == [1, 3]
+    assert preflight.parse_folds("0,2..3", 5) == [0, 2, 3]
 
 
 def test_seed_test_mode_rejects_unknown_tta(trained: Path, tiny_data: Path, tmp_path: Path, capsys) -> None:
@@ -341,14 +341,14 @@ def test_device_auto_on_cpu_warns_with_an_epoch_estimate(caplog: pytest.LogCaptu
 
     overrides = [("device", "auto"), ("data.img_size", 32), ("backbones", ["test_efficientnet"])]
     cfg = load_config(PROJECT_ROOT / "configs/demo.yaml", overrides)
-    main.check_models(cfg, cfg.backbones, n_images=1000, n_folds=5)
+    preflight.check_models(cfg, cfg.backbones, n_images=1000, n_folds=5)
     (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
     message = record.getMessage()
     assert "device 'auto' found no CUDA GPU: training on the CPU" in message
     assert "per epoch of 1000 images (test_efficientnet " in message and "x 5 fold(s)" in message
     assert "--device cuda" in message
     caplog.clear()
-    main.check_models(
+    preflight.check_models(
         load_config(PROJECT_ROOT / "configs/demo.yaml", overrides[1:]), ["test_efficientnet"], 1000, 5
     )
     assert not caplog.records  # device: cpu in the config is a choice, not a fallback
@@ -365,7 +365,7 @@ def test_test_names_shared_with_train_are_warned_before_training(
     with (data / "test/test_label.txt").open("a") as fh:
         fh.write("".join(f"{name}\n" for name in train_names[:2]))
     problems: list[str] = []
-    assert main.check_data(data, problems) == 40 and problems == []
+    assert preflight.check_data(data, problems) == 40 and problems == []
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(
         f"2 of 14 test names also appear in train/validate (e.g. {train_names[0]}" in w for w in warnings
