@@ -5,13 +5,15 @@ pattern (subject ids that fold grouping keys on) and a real, learnable real-vs-f
 shipping or downloading any faces. This module draws one procedurally::
 
     python -m foldkit.synthetic --out D --n-train N --n-validate N --n-test N --seed S \\
-        [--hashed-names] [--size 112] [--n-subjects K] [--workers W]
+        [--hashed-names] [--size 112] [--n-subjects K] [--workers W] [--fake-ratio 0.5] [--truth T]
 
 which writes::
 
     D/train/<name>.png       D/train/train_label.txt        lines "name label" (0 real, 1 fake)
     D/validate/<name>.png    D/validate/validate_label.txt  same
     D/test/<name>.png        D/test/test_label.txt          names only, one per line
+    T (only with --truth)    the test labels, "name label" lines in test_label.txt order, kept apart
+                             from the data so a submission can be scored without leaking them
 
 Names look like the real ``19071022_S001_L1_E01_C10_cropped.jpg`` but end in ``.png``:
 ``{19070000 + running index:08d}_S{subject:03d}_L{light}_E{expression:02d}_C{camera:02d}_cropped.png``;
@@ -27,15 +29,16 @@ at a random quality (the PNG stores the decoded JPEG). Train and validate share 
 (many images per subject, so folds must be grouped by ``S\\d+``); test subjects are DISJOINT
 (``S{K+1}..``), so test scores measure generalisation to unseen identities.
 
-Exactly ``n // 2`` images of each split are fakes (label 1), made like face swaps: a donor subject's
-inner face (eyes, brows, nose, mouth and the skin around them) is rendered with the target image's pose
-and expression, blurred by resampling (downscale then upscale, which also wipes out the camera grain),
-colour-corrected only partly (a residual tone mismatch) and pasted with a soft elliptical mask that
-leaves a faint halo along its border. A per-fake hardness sets the resampling factor, the residual colour
-mismatch, the halo and the mask softness: most fakes are visible, a tail is subtle. The cues are local (a
-blend seam, a blur / grain / tone discontinuity at a pose-dependent place), which a small CNN learns at
-64 px (F1 ~0.96 after 6 epochs on 3000 images) while a linear model on raw pixels only catches a slight
-brightening of swapped skin (F1 ~0.6).
+Exactly ``round(n * fake_ratio)`` images of each split are fakes (label 1; ``--fake-ratio``, default
+0.5, ties round down so 0.5 gives ``n // 2`` and the default output stays what it always was), made like
+face swaps: a donor subject's inner face (eyes, brows, nose, mouth and the skin around them) is rendered
+with the target image's pose and expression, blurred by resampling (downscale then upscale, which also
+wipes out the camera grain), colour-corrected only partly (a residual tone mismatch) and pasted with a
+soft elliptical mask that leaves a faint halo along its border. A per-fake hardness sets the resampling
+factor, the residual colour mismatch, the halo and the mask softness: most fakes are visible, a tail is
+subtle. The cues are local (a blend seam, a blur / grain / tone discontinuity at a pose-dependent
+place), which a small CNN learns at 64 px (F1 ~0.96 after 6 epochs on 3000 images) while a linear model
+on raw pixels only catches a slight brightening of swapped skin (F1 ~0.6).
 
 Every image is seeded from ``(seed, split, index)`` and every identity from ``(seed, subject)``, so the
 same arguments give byte-identical files whatever the worker count.
@@ -559,18 +562,54 @@ def _subject_pools(
     return list(range(1, k + 1)), list(range(k + 1, k + k_test + 1))
 
 
-def plan_split(
-    out: Path, split_id: int, n: int, offset: int, pool: list[int], seed: int, size: int, hashed: bool
-) -> tuple[list[Job], list[str]]:
-    """Assign subjects (balanced), labels (exactly n // 2 fakes), donors and file names for one split.
+def n_fakes(n: int, fake_ratio: float) -> int:
+    """Fakes in a split of ``n``: the integer nearest ``n * fake_ratio``, ties down.
 
-    Labels and subjects come from a permutation, not the index, so names leak nothing about the label.
+    Ties go down (not to even, as ``round`` does) so that 0.5 gives ``n // 2`` for odd ``n`` too, which is
+    what every earlier version wrote; a default run must stay byte-identical.
+    """
+    return min(n, max(0, math.ceil(n * fake_ratio - 0.5)))
+
+
+def check_fake_ratio(fake_ratio: float) -> None:
+    """A split needs both classes to be learnable and scorable, so the ratio must lie strictly in (0, 1)."""
+    if not 0.0 < fake_ratio < 1.0:  # also refuses NaN
+        raise FoldkitError(f"--fake-ratio {fake_ratio}: the share of fakes must be > 0 and < 1")
+
+
+def check_truth_path(out: Path, truth: Path) -> None:
+    """The truth file holds the hidden test labels: inside a split folder it would sit beside the data that
+    loaders read, and it must not replace a label file, so it has to live outside ``out/<split>/``."""
+    truth = truth.resolve()
+    for split in SPLITS:
+        if truth.is_relative_to((out / split).resolve()):
+            raise FoldkitError(
+                f"--truth {truth}: keep the test labels outside the data folders ({out / split})"
+            )
+
+
+def plan_split(
+    out: Path,
+    split_id: int,
+    n: int,
+    offset: int,
+    pool: list[int],
+    seed: int,
+    size: int,
+    hashed: bool,
+    fake_ratio: float = 0.5,
+) -> tuple[list[Job], list[str]]:
+    """Assign subjects (balanced), labels (exactly ``n_fakes(n, fake_ratio)``), donors and names of a split.
+
+    Labels and subjects come from a permutation, not the index, so names leak nothing about the label. The
+    fakes are the first ``n_fakes`` of one permutation of ``n`` whatever the ratio, so the random stream
+    (hence donors, names and every image) does not depend on the ratio and 0.5 reproduces older outputs.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_PLAN, split_id]))
     k = len(pool)
     subj_idx = rng.permutation(np.arange(n) % k)
     labels = np.zeros(n, dtype=np.int64)
-    labels[rng.permutation(n)[: n // 2]] = 1
+    labels[rng.permutation(n)[: n_fakes(n, fake_ratio)]] = 1
     donor_idx = (subj_idx + 1 + rng.integers(0, k - 1, n)) % k
     folder = out / SPLITS[split_id]
     jobs, names = [], []
@@ -623,17 +662,24 @@ def generate(
     hashed_names: bool = False,
     n_subjects: int | None = None,
     workers: int | None = None,
+    fake_ratio: float = 0.5,
+    truth: Path | None = None,
 ) -> dict[str, int]:
     """Write the synthetic data set under ``out`` (layout in the module docstring); return counts per split.
 
     Existing files of the same name are overwritten; other files in the split folders are left alone.
+    ``truth``, when given, receives the test labels (``name label``, test label file order), written last
+    like the label files so a crash never leaves a truth file that disagrees with the images.
     """
     counts = dict(zip(SPLITS, (n_train, n_validate, n_test), strict=True))
     if min(n_train, n_validate) < 1 or n_test < 0 or size < 16:
         raise FoldkitError(  # foldkit.data refuses an empty train or validate label file
             "n_train and n_validate must be >= 1, n_test >= 0 and size >= 16"
         )
+    check_fake_ratio(fake_ratio)
     out = Path(out)
+    if truth is not None:
+        check_truth_path(out, Path(truth))
     tv_pool, test_pool = _subject_pools(n_train, n_validate, n_test, n_subjects)
     workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
     all_jobs: list[Job] = []
@@ -643,9 +689,13 @@ def generate(
         n = counts[split]
         pool = test_pool if split == "test" else tv_pool
         (out / split).mkdir(parents=True, exist_ok=True)
-        jobs, names = plan_split(out, split_id, n, offset, pool, seed, size, hashed_names)
-        labels = None if split == "test" else [j.label for j in jobs]
-        label_files.append((out / split / f"{split}_label.txt", _label_text(names, labels)))
+        jobs, names = plan_split(out, split_id, n, offset, pool, seed, size, hashed_names, fake_ratio)
+        labels = [j.label for j in jobs]
+        label_files.append(
+            (out / split / f"{split}_label.txt", _label_text(names, None if split == "test" else labels))
+        )
+        if split == "test" and truth is not None:
+            label_files.append((Path(truth), _label_text(names, labels)))
         _warn_stale(out / split, names)
         all_jobs += jobs
         offset += n
@@ -672,8 +722,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (gets train/ validate/ test/)")
-    p.add_argument("--n-train", type=int, required=True, help="train images, half of them fakes (>= 1)")
-    p.add_argument("--n-validate", type=int, required=True, help="validate images, half fakes (>= 1)")
+    p.add_argument(
+        "--n-train", type=int, required=True, help="train images, --fake-ratio of them fakes (>= 1)"
+    )
+    p.add_argument("--n-validate", type=int, required=True, help="validate images (>= 1)")
     p.add_argument("--n-test", type=int, required=True, help="test images, of unseen subjects (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
     p.add_argument("--hashed-names", action="store_true", help="md5 names like anonymised test sets")
@@ -682,6 +734,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--n-subjects", type=int, default=None, help="train/validate identities (default: about sqrt(n))"
     )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
+    p.add_argument(
+        "--fake-ratio",
+        type=float,
+        default=0.5,
+        help="share of fakes in every split, 0 < R < 1; exactly round(n*R) per split (ties down)",
+    )
+    p.add_argument(
+        "--truth",
+        type=Path,
+        default=None,
+        help="also write the test labels ('name label', test label file order) to this file, outside the "
+        "data folders, to score a submission (default: not written; test_label.txt keeps names only)",
+    )
     return p.parse_args(argv)
 
 
@@ -712,6 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hashed_names=args.hashed_names,
             n_subjects=args.n_subjects,
             workers=args.workers,
+            fake_ratio=args.fake_ratio,
+            truth=args.truth,
         )
     except FoldkitError as exc:
         print(f"error: {exc}", file=sys.stderr)

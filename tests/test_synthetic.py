@@ -152,6 +152,97 @@ def test_cli_writes_the_data_set(tmp_path: Path) -> None:
     assert [len(read_labels(out, s)) for s in SPLITS] == [6, 4, 3]
 
 
+#: sha256 (first 16 hex) of the fixture's label files as written before --fake-ratio existed: the default
+#: must keep writing exactly these (labels and names depend only on numpy's stable Generator streams).
+PINNED_LABEL_FILES = {"train": "d3745dd5d7c74483", "validate": "cfa54b82cc917d62", "test": "d61c11399ece148e"}
+
+
+def cli_args(out: Path, *extra: str) -> list[str]:
+    """The fixture's data set as command-line arguments, plus ``extra``."""
+    counts = [x for s in SPLITS for x in (f"--n-{s}", str(COUNTS[s]))]
+    return ["--out", str(out), *counts, "--seed", "0", "--size", str(SIZE), "--workers", "1", *extra]
+
+
+def read_truth(path: Path) -> list[tuple[str, int]]:
+    raw = path.read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n")
+    rows = [line.split(" ") for line in raw.decode().splitlines()]
+    assert all(len(r) == 2 and r[1] in {"0", "1"} for r in rows)
+    return [(name, int(label)) for name, label in rows]
+
+
+def test_default_output_is_byte_identical_to_before_and_to_an_explicit_half(
+    data: Path, tmp_path: Path
+) -> None:
+    for split in SPLITS:
+        digest = hashlib.sha256((data / split / f"{split}_label.txt").read_bytes()).hexdigest()
+        assert digest[:16] == PINNED_LABEL_FILES[split]
+    assert main(cli_args(tmp_path / "half", "--fake-ratio", "0.5")) == 0
+    assert all_bytes(tmp_path / "half") == all_bytes(data)  # every image too, not just one
+    assert [synthetic.n_fakes(n, 0.5) for n in range(40)] == [n // 2 for n in range(40)]  # odd n too
+
+
+def test_fake_ratio_gives_exactly_round_n_r_fakes_per_split_and_keeps_the_images(
+    data: Path, tmp_path: Path
+) -> None:
+    out, truth = tmp_path / "tenth", tmp_path / "truth.txt"
+    make(out, workers=1, fake_ratio=0.1, truth=truth)
+    labels = {s: [label for _, label in read_labels(out, s)] for s in ("train", "validate")}
+    labels["test"] = [label for _, label in read_truth(truth)]
+    for split in SPLITS:
+        assert sum(labels[split]) == round(COUNTS[split] * 0.1)  # 2, 1, 1: no ties here
+        # the ratio only picks which images are fakes: the names, and every image whose label stayed,
+        # are the default run's bytes
+        assert [n for n, _ in read_labels(out, split)] == [n for n, _ in read_labels(data, split)]
+    kept = [
+        (split, name)
+        for split in ("train", "validate")
+        for (name, old), new in zip(read_labels(data, split), labels[split], strict=True)
+        if old == new
+    ]
+    assert len(kept) >= COUNTS["train"] // 2
+    assert all((out / s / n).read_bytes() == (data / s / n).read_bytes() for s, n in kept)
+
+
+def test_truth_file_holds_the_test_labels_in_test_label_file_order(tmp_path: Path) -> None:
+    out, truth = tmp_path / "data", tmp_path / "scoring" / "truth.txt"
+    assert main(cli_args(out, "--fake-ratio", "0.4", "--truth", str(truth))) == 0
+    rows = read_truth(truth)
+    assert [name for name, _ in rows] == [name for name, _ in read_labels(out, "test")]  # names only there
+    assert sum(label for _, label in rows) == round(COUNTS["test"] * 0.4)
+    assert {p.name for p in (out / "test").iterdir()} == {n for n, _ in rows} | {"test_label.txt"}
+
+
+def test_without_truth_no_truth_file_is_written(data: Path) -> None:
+    assert sorted(p.name for p in data.parent.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "-0.2", "1.5", "nan"])
+def test_a_fake_ratio_outside_0_1_exits_2_and_writes_nothing(tmp_path: Path, ratio: str, capsys) -> None:
+    argv = cli_args(tmp_path / "out", "--fake-ratio", ratio, "--truth", str(tmp_path / "truth.txt"))
+    assert main(argv) == 2
+    assert f"--fake-ratio {float(ratio)}: the share of fakes must be > 0 and < 1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truth_file_inside_the_data_folders_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(cli_args(out, "--truth", str(out / "test" / "truth.txt"))) == 2
+    assert "keep the test labels outside the data folders" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_help_documents_every_option_with_its_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--fake-ratio FAKE_RATIO share of fakes in every split" in text and "(default: 0.5)" in text
+    assert "--truth TRUTH also write the test labels" in text and "default: not written" in text
+    for flag in ("--out", "--n-train", "--n-validate", "--n-test", "--seed", "--hashed-names", "--size",
+                 "--n-subjects", "--workers"):  # fmt: skip
+        assert flag in text
+
+
 @pytest.mark.slow
 def test_a_linear_model_on_raw_pixels_stays_under_f1_0_9(tmp_path: Path) -> None:
     """Guards the task's difficulty: if raw pixels separate the classes linearly, the demo shows nothing."""
