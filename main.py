@@ -203,11 +203,29 @@ def resolve_checkpoint(name: str, work_dir: Path) -> Path:
     )
 
 
+def warn_threshold_tta(name: str, ckpt: dict, tta: list[str]) -> bool:
+    """Warn (and return True) when test mode's TTA is not the one the checkpoint's threshold was tuned
+    on: TTA shifts the probabilities, so the threshold no longer sits where F1 peaked. A checkpoint
+    without ``threshold_tta`` (e.g. last.pt) has the per-epoch validation threshold, made without TTA.
+    """
+    tuned = [t for t in ckpt.get("threshold_tta", []) if t != "none"]
+    used = [t for t in tta if t != "none"]
+    if used == tuned:
+        return False
+    log.warning(
+        "%s: predicting with TTA %s, but its threshold %.4f was tuned on TTA %s; the F1-optimal "
+        "threshold differs between them (use --tta %s, or pass --threshold)",
+        name, used or "none", float(ckpt.get("threshold", 0.5)), tuned or "none",
+        ",".join(tuned) or "none",
+    )  # fmt: skip
+    return True
+
+
 def test(args: argparse.Namespace) -> int:
     """The seed's test mode: one checkpoint predicts the test set; `name label` lines in file order."""
     from foldkit.data import read_test
     from foldkit.predict import load_checkpoint, parse_tta, predict_checkpoint
-    from foldkit.submission import write_submission
+    from foldkit.submission import label_file_names, write_submission
     from foldkit.train import amp_dtype, resolve_device
 
     if not args.model_name:
@@ -224,6 +242,8 @@ def test(args: argparse.Namespace) -> int:
     test_df = read_test(args.data_dir)
     device = resolve_device(args.device or "auto")
     tta = parse_tta(args.tta) if args.tta else cfg.tta
+    if args.threshold is None:
+        warn_threshold_tta(args.model_name, ckpt, tta)
     batch = int(args.batch) if args.batch else cfg.train.batch_size
     workers = int(args.workers) if args.workers is not None else cfg.data.workers  # None: every core
     probs = predict_checkpoint(
@@ -239,7 +259,8 @@ def test(args: argparse.Namespace) -> int:
     )
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
     labels = (probs >= threshold).astype(int)
-    out = write_submission(args.prediction_file, test_df.name.tolist(), labels, test_df.name.tolist())
+    expected = label_file_names(args.data_dir)  # the label file itself, not the list predicted for
+    out = write_submission(args.prediction_file, test_df.name.tolist(), labels, expected)
     print(
         f"wrote {out} ({len(labels)} rows, {labels.mean():.1%} fake at threshold {threshold:.4f}, tta {tta})"
     )

@@ -25,7 +25,7 @@ from foldkit import PROJECT_ROOT
 from foldkit.config import from_dict, load_config, to_dict
 from foldkit.data import read_test
 from foldkit.io import FoldkitError, atomic_write_text
-from foldkit.submission import write_submission
+from foldkit.submission import label_file_names, write_submission
 
 # torch, timm, scipy, sklearn and matplotlib load where they are first needed, after check_trained: a
 # run with nothing to blend (or a wrong --exp) answers in a second, not after seconds of imports.
@@ -402,14 +402,14 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     labels = (probs >= fitted.threshold).astype(int)
     _fallback_for_bad(opts, test_df, probs, labels)
     out_dir = opts.work_dir / "submissions" / opts.name
-    names = test_df.name.tolist()
-    pred = write_submission(out_dir / "prediction.txt", names, labels, names)
+    names, expected = test_df.name.tolist(), label_file_names(opts.data_dir)
+    pred = write_submission(out_dir / "prediction.txt", names, labels, expected)
     table = pd.DataFrame({"name": names, "prob": probs, "label": labels})
     for j, m in enumerate(fitted.oof.models):
         table[f"prob_{m.key}"] = T[:, j]
     atomic_write_text(out_dir / "probs.csv", table.to_csv(index=False, float_format="%.8f"))
     if opts.prediction_file is not None:
-        write_submission(opts.prediction_file, names, labels, names)
+        write_submission(opts.prediction_file, names, labels, expected)
         print(f"copy: {opts.prediction_file}")
     summary = f"{len(labels)} rows, {labels.mean():.1%} fake, threshold {fitted.threshold:.4f}"
     print(f"submission: {pred} ({summary}, blend {fitted.blend.method})")

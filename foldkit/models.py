@@ -155,7 +155,7 @@ def create_model(cfg: RunConfig, backbone: str, pretrained: bool | None = None) 
             f"unknown timm model '{backbone}'" + (f"; close: {', '.join(close)}" if close else "")
         )
     if not use_pretrained:
-        return timm.create_model(backbone, pretrained=False, **kwargs)
+        return fp32_head(timm.create_model(backbone, pretrained=False, **kwargs))
     local = pretrained_file_for(cfg, backbone)
     if local is not None:
         if not Path(local).is_file():
@@ -171,6 +171,39 @@ def create_model(cfg: RunConfig, backbone: str, pretrained: bool | None = None) 
             cause = f"not in the local Hugging Face cache, and {offline}"
         raise PretrainedUnavailable({backbone: cause}) from exc
     log.info("%s: pretrained weights loaded%s", backbone, f" from {local}" if local else "")
+    return fp32_head(model)
+
+
+class _Fp32Forward:
+    """Mixin put in front of a classifier's own class: its forward runs outside autocast, on float32."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float(), *args, **kwargs)  # type: ignore[misc]
+
+
+@functools.cache
+def _fp32_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """One subclass per head class (cached, so every model of a backbone shares it)."""
+    return type(f"Fp32{cls.__name__}", (_Fp32Forward, cls), {"__module__": __name__})
+
+
+def fp32_head(model: nn.Module) -> nn.Module:
+    """Make the model's final classifier (timm's ``get_classifier()``) compute in float32.
+
+    Why: under bf16 autocast the single logit is rounded to 8 bits of mantissa, so many images tie
+    at the same probability and the F1 threshold and rank blends lose resolution. Only the head runs
+    in fp32 (a negligible cost). The head's class is swapped in place rather than wrapped, so the
+    state_dict keys stay those of the plain timm model (old checkpoints load, new ones load without
+    foldkit), and a ``deepcopy`` (timm's EMA) keeps the fp32 head. Training and prediction both get
+    their models here, so they follow the same path.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
+        log.debug("%s: no classifier module to run in fp32", type(model).__name__)
+        return model
+    if not isinstance(head, _Fp32Forward):
+        head.__class__ = _fp32_class(type(head))
     return model
 
 

@@ -100,6 +100,53 @@ def check_hashes(models: list[ModelOOF], current: str) -> None:
         )
 
 
+#: Config keys that may differ between the folds of one model: they change how fast a run goes or
+#: where it ran, or which other backbones it trained, never which numbers it computes.
+FOLD_HARMLESS_KEYS = frozenset({"data.workers", "data.prefetch_factor", "backbones", "device"})
+
+
+def _flat_config(data: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fold_config_differences(m: ModelOOF) -> list[str]:
+    """``key: fold 0 a, fold 1 b`` for every config key on which this model's folds disagree.
+
+    Why: a model's folds are averaged at test time and its OOF column is scored as one model; folds
+    trained with other learning rates, epochs or image sizes make that column a mix of models whose
+    blend weights and threshold belong to none of them. Harmless keys (``FOLD_HARMLESS_KEYS``) are
+    left out; a sidecar without a config (older foldkit) is not compared.
+    """
+    flat = {k: _flat_config(meta["config"]) for k, meta in sorted(m.metas.items()) if "config" in meta}
+    keys = sorted({key for cfg in flat.values() for key in cfg} - FOLD_HARMLESS_KEYS)
+    out = []
+    for key in keys:
+        values = {k: cfg.get(key) for k, cfg in flat.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            out.append(f"{key}: " + ", ".join(f"fold {k} {v!r}" for k, v in values.items()))
+    return out
+
+
+def check_fold_configs(models: list[ModelOOF]) -> list[str]:
+    """Warn, naming model, keys and folds, when one model's folds were trained with different configs.
+    A warning, not a refusal: a deliberate change (e.g. more epochs on one fold) stays possible, but
+    never silent. Returns the warned lines (for tests)."""
+    lines = [f"{m.key}: {d}" for m in models for d in fold_config_differences(m)]
+    if lines:
+        log.warning(
+            "folds of one model were trained with different configs and are blended as one model; "
+            "retrain the odd folds with the same config (python main.py --fold K):\n  %s",
+            "\n  ".join(lines),
+        )
+    return lines
+
+
 def _model_column(m: ModelOOF, folds_df: pd.DataFrame) -> np.ndarray:
     """This model's probabilities aligned to folds.csv; errors name file and problem."""
     parts = []
@@ -197,6 +244,7 @@ def load_oof(work_dir: Path, exps: list[str], allow_partial: bool = False) -> OO
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
     check_hashes(complete, current)
     check_checkpoints(complete, work_dir)
+    check_fold_configs(complete)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])
     y, folds = folds_df.label.to_numpy().astype(int), folds_df.fold.to_numpy()
     return OOFSet(folds_df.name.to_numpy(), y, folds, P, complete, current, k, left_out, folds_df)

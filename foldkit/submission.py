@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from foldkit.data import read_test
 from foldkit.io import FoldkitError, atomic_write_text
 
 
@@ -31,10 +32,29 @@ def check_submission(names: Sequence[str], labels: np.ndarray, expected: Sequenc
 def write_submission(
     path: str | Path, names: Sequence[str], labels: np.ndarray, expected: Sequence[str]
 ) -> Path:
-    """Validate, then write ``name label`` lines atomically (nothing is written when invalid)."""
+    """Validate, write ``name label`` lines atomically, then read the file back and check it again.
+
+    ``expected`` must come from the test label file itself (``label_file_names``), never from the
+    list the predictions were made for: checked against itself, a dropped or reordered name passes.
+    The read-back catches what the writing did (a name with a space, a lost line); a file that fails
+    it is removed, so no invalid submission is left behind. Nothing is written when ``names`` is
+    already invalid.
+    """
     check_submission(names, labels, expected)
     text = "".join(f"{n} {int(v)}\n" for n, v in zip(names, labels, strict=True))
-    return atomic_write_text(path, text)
+    out = atomic_write_text(path, text)
+    try:
+        back = read_submission(out)
+        check_submission(back.name.tolist(), back.label.to_numpy(), expected)
+    except (FoldkitError, ValueError) as exc:
+        Path(out).unlink(missing_ok=True)
+        raise FoldkitError(f"{out}: the written submission does not read back as valid: {exc}") from exc
+    return out
+
+
+def label_file_names(data_dir: str | Path) -> list[str]:
+    """The test names in the test label file's order, read afresh: what a submission is checked against."""
+    return read_test(Path(data_dir)).name.tolist()
 
 
 def read_submission(path: str | Path) -> pd.DataFrame:

@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,6 +115,18 @@ def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def run_seed(seed: int, backbone: str, fold: int) -> int:
+    """The training seed of one (backbone, fold) run, derived from the config's base ``seed``.
+
+    Why: with one seed for every run, all backbones and folds saw the same batch order and the same
+    augmentation stream, so the ensemble's members were less diverse than they could be. The mix is
+    numpy's ``SeedSequence`` over [seed, crc32(backbone), fold]: stable across processes and
+    machines (Python's ``hash`` of a string is salted per process), so a run is still reproducible.
+    """
+    entropy = [int(seed), zlib.crc32(backbone.encode("utf-8")), int(fold)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed python, numpy and torch; with ``deterministic`` also force deterministic kernels."""
     random.seed(seed)
@@ -162,21 +175,23 @@ def _loaders(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     device: torch.device,
+    seed: int,
 ) -> tuple[DeviceLoader, DeviceLoader]:
-    """Seeded train loader (shuffled, augmented on the CPU in uint8) and the eval loader (ordered),
-    both resized and normalised on the device. Built once per fit: their workers persist."""
+    """Train loader seeded with ``seed`` (the run's own, ``run_seed``: shuffled, augmented on the CPU
+    in uint8) and the eval loader (ordered), both resized and normalised on the device. Built once
+    per fit: their workers persist."""
     dc, pin = cfg.data, device.type == "cuda"
     train_ds = ImageDataset(
-        images.source(train_df.path.tolist()), train_df.label, train_transform(cfg.augment, cfg.seed)
+        images.source(train_df.path.tolist()), train_df.label, train_transform(cfg.augment, seed)
     )
     train_dl = make_loader(
-        train_ds, cfg.train.batch_size, True, dc.workers, cfg.seed, pin, True, dc.prefetch_factor
+        train_ds, cfg.train.batch_size, True, dc.workers, seed, pin, True, dc.prefetch_factor
     )
     # Each new iterator draws its workers' base seed from this generator, not the global torch RNG:
     # dropout's random stream then does not depend on when the iterator was made, so a run resumed
     # mid-epoch (a fresh iterator) continues the exact stream of the run it replaces. The batches
     # themselves never depend on it (EpochBatchSampler seeds them).
-    train_dl.generator = torch.Generator().manual_seed(cfg.seed)
+    train_dl.generator = torch.Generator().manual_seed(seed)
     cl = cfg.train.channels_last
     to_device = DeviceTransform(dc.img_size, mean, std, device, cl)
     val_dl = eval_loader(
@@ -205,6 +220,17 @@ class _Trainer:
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
+
+    def ema_decay(self) -> float:
+        """The EMA decay used at the latest optimizer step, NaN without EMA.
+
+        Why: ``ModelEmaV3(use_warmup=True)`` ramps the decay up as 1 - (1 + step)^(-2/3), capped at
+        ``train.ema_decay``; a short run never reaches e.g. 0.9995, so the configured value alone
+        misstates how much the validated weights average. history.csv and the log show this one.
+        """
+        if self.ema is None:
+            return math.nan
+        return float(self.ema.get_decay(self.step))
 
     def train_epoch(
         self,
@@ -510,7 +536,8 @@ def _train_fold(
 ) -> tuple[int, float]:
     """Build data, model and trainer (restored from ``ckpt`` when resuming), run the epochs, write the
     OOF; returns (best epoch, best score)."""
-    seed_everything(cfg.seed, cfg.deterministic)
+    seed = run_seed(cfg.seed, backbone, fold)
+    seed_everything(seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     save_config(cfg, paths.model_dir / "config.yaml")
     train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
@@ -521,15 +548,21 @@ def _train_fold(
     model = create_model(cfg, backbone)
     mean, std = data_stats(model)
     model.to(device)
-    train_dl, val_dl = _loaders(cfg, images, train_df, val_df, mean, std, device)
+    train_dl, val_dl = _loaders(cfg, images, train_df, val_df, mean, std, device, seed)
     steps = min(len(train_dl), cfg.train.max_train_batches or len(train_dl))
     pos_weight = _pos_weight(cfg, train_df.label.to_numpy())
     trainer = _make_trainer(cfg, model, device, steps, pos_weight, label)
     progress = Progress() if ckpt is None else restore_trainer(trainer, ckpt)
     log.info(
-        "%s: %d train / %d val images, %d params, device %s, amp %s",
-        label, len(train_df), len(val_df), count_params(model), device, trainer.dtype,
+        "%s: %d train / %d val images, %d params, device %s, amp %s, run seed %d (base seed %d)",
+        label, len(train_df), len(val_df), count_params(model), device, trainer.dtype, seed, cfg.seed,
     )  # fmt: skip
+    if ckpt is not None and ckpt.get("run_seed", cfg.seed) != seed:
+        log.warning(
+            "%s: %s was trained with seed %s, this foldkit derives run seed %d: the rest of the run "
+            "sees another batch order and augmentation stream (--no-resume starts it over)",
+            label, paths.model_dir / "last.pt", ckpt.get("run_seed", cfg.seed), seed,
+        )  # fmt: skip
     if ckpt is not None:
         log.info(
             "%s: resuming from %s at epoch %d, batch %d (optimizer step %d)",
@@ -545,6 +578,7 @@ def _train_fold(
         "metric": cfg.train.metric,
         "store_size": list(images.size),
         "foldkit_version": __version__,
+        "run_seed": seed,
     }
     try:
         if device.type == "cuda":
@@ -620,10 +654,12 @@ def _epochs(
             trainer.eval_model(), val_dl, trainer.device, (), trainer.dtype, desc="validate"
         )
         m = epoch_metrics(y_val, probs)
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        progress.history.append({"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "img_s": rate})
+        lr, ema_decay = trainer.optimizer.param_groups[0]["lr"], trainer.ema_decay()
+        progress.history.append(
+            {"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "ema_decay": ema_decay, "img_s": rate}
+        )
         _write_history(paths.model_dir / "history.csv", progress.history)
-        _log_epoch(base, epoch, cfg.train.epochs, train_loss, m, rate)
+        _log_epoch(base, epoch, cfg.train.epochs, train_loss, m, rate, ema_decay)
         score = _score(m, cfg.train.metric)
         score = -np.inf if np.isnan(score) else score  # e.g. AUC on a one-class holdout
         payload = {**base, "epoch": epoch, "score": score, "threshold": m["threshold"], "val": m}
@@ -644,13 +680,21 @@ def _epochs(
 
 
 def _log_epoch(
-    base: dict, epoch: int, epochs: int, train_loss: float, m: dict[str, float], rate: float
+    base: dict,
+    epoch: int,
+    epochs: int,
+    train_loss: float,
+    m: dict[str, float],
+    rate: float,
+    ema_decay: float = math.nan,
 ) -> None:
+    """One line per epoch; with EMA it names the decay actually in effect (see ``ema_decay``)."""
+    ema = "" if math.isnan(ema_decay) else f"  ema_decay {ema_decay:.6f}"
     log.info(
         "%s fold %d epoch %d/%d: train_loss %.4f val_loss %.4f auc %.4f f1@0.5 %.4f best_f1 %.4f @ %.3f"
-        "  %.0f img/s",
+        "  %.0f img/s%s",
         base["backbone"], base["fold"], epoch, epochs, train_loss, m["val_loss"], m["auc"], m["f1_05"],
-        m["best_f1"], m["threshold"], rate,
+        m["best_f1"], m["threshold"], rate, ema,
     )  # fmt: skip
 
 
@@ -699,6 +743,7 @@ def write_oof(
         "checkpoint_sha256": file_sha256(best),
         "best_epoch": ckpt["epoch"],
         "threshold": float(threshold),
+        "run_seed": ckpt.get("run_seed"),
         "config": ckpt["config"],
     }
     atomic_write_text(paths.oof_meta, json.dumps(meta, indent=2))  # sidecar first: a csv never lacks one
