@@ -273,6 +273,18 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (``to_dict``) as ``{"train.lr": 0.001, ...}``: how configs are compared
+    and how their differences are named."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in nested ``data``, creating sections; the type check happens in ``from_dict``."""
     parts = dotted.split(".")

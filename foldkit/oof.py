@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from foldkit.config import flatten
 from foldkit.folds import load_folds
 from foldkit.io import FoldkitError
 from foldkit.predict import file_sha256
@@ -105,16 +106,6 @@ def check_hashes(models: list[ModelOOF], current: str) -> None:
 FOLD_HARMLESS_KEYS = frozenset({"data.workers", "data.prefetch_factor", "backbones", "device"})
 
 
-def _flat_config(data: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def fold_config_differences(m: ModelOOF) -> list[str]:
     """``key: fold 0 a, fold 1 b`` for every config key on which this model's folds disagree.
 
@@ -123,7 +114,7 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
     blend weights and threshold belong to none of them. Harmless keys (``FOLD_HARMLESS_KEYS``) are
     left out; a sidecar without a config (older foldkit) is not compared.
     """
-    flat = {k: _flat_config(meta["config"]) for k, meta in sorted(m.metas.items()) if "config" in meta}
+    flat = {k: flatten(meta["config"]) for k, meta in sorted(m.metas.items()) if "config" in meta}
     keys = sorted({key for cfg in flat.values() for key in cfg} - FOLD_HARMLESS_KEYS)
     out = []
     for key in keys:

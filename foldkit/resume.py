@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from foldkit.config import flatten
 from foldkit.io import FoldkitError
 from foldkit.predict import file_sha256
 
@@ -167,19 +168,9 @@ def is_resumable(ckpt: dict[str, Any]) -> bool:
 # -- compatibility ----------------------------------------------------------------------------------
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key old -> new`` for every config key that differs, harmless keys left out."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     keys = sorted((set(old) | set(new)) - HARMLESS_KEYS)
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
