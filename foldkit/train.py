@@ -371,7 +371,8 @@ def warm_up(trainer: _Trainer) -> float:
     With ``cudnn.benchmark`` the first step of every new shape searches for the fastest kernels and
     CUDA loads kernels lazily: about 20 s for an EfficientNet at batch 128 on an H200, which would
     otherwise land in epoch 1 and make its images/s meaningless. The cost is the same; it is just
-    logged apart from the epochs.
+    logged apart from the epochs. The RNG streams are forked, so dropout draws here shift nothing: a
+    run and its resumed continuation see the same random numbers.
     """
     cfg, model, device = trainer.cfg, trainer.model, trainer.device
     start = time.perf_counter()
@@ -380,9 +381,10 @@ def warm_up(trainer: _Trainer) -> float:
     size = cfg.data.img_size
     x = torch.zeros(cfg.train.batch_size, 3, size, size, device=device).contiguous(memory_format=fmt)
     model.train()
-    with autocast(device, trainer.dtype):
-        out = model(x).float().sum()
-    out.backward()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with autocast(device, trainer.dtype):
+            out = model(x).float().sum()
+        out.backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
     if device.type == "cuda":

@@ -340,3 +340,21 @@ def test_device_area_resize_matches_opencv_inter_area() -> None:
     ref = cv2.resize(img, (64, 48), interpolation=cv2.INTER_AREA)
     out = area_resize(torch.from_numpy(img).permute(2, 0, 1)[None], (48, 64))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(out, ref, atol=1e-3)
+
+
+def test_warm_up_draws_no_random_numbers() -> None:
+    """Dropout in the warm-up step must not shift the RNG stream the epochs (and a resume) rely on."""
+    import timm
+
+    from foldkit.config import RunConfig
+    from foldkit.train import _make_trainer, warm_up
+
+    cfg = RunConfig(backbones=["test_resnet"], pretrained=False, device="cpu")
+    cfg.data.img_size, cfg.train.batch_size, cfg.train.drop_rate = 32, 4, 0.5
+    model = timm.create_model("test_resnet", num_classes=1, drop_rate=0.5)
+    trainer = _make_trainer(cfg, model, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0)
+    torch.manual_seed(7)
+    warm_up(trainer)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
