@@ -10,7 +10,6 @@ reseeding albumentations costs about 0.2 ms, as much as augmenting a 112 px face
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -19,12 +18,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from foldkit.store import resolve_workers
+
 Item = tuple[torch.Tensor, torch.Tensor, int]  # one image: (uint8 HxWx3, float32 label, index)
 
 
 class ImageSource(Protocol):
     """Where a dataset reads HxWx3 uint8 images from (``foldkit.store.StoreSource`` or ``FileSource``)."""
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
     def __len__(self) -> int: ...
     def read(self, i: int) -> np.ndarray: ...
     def read_many(self, idx: Sequence[int], out: np.ndarray | None = None) -> np.ndarray: ...
@@ -76,7 +79,7 @@ class ImageDataset(Dataset):
         pairs = [k if isinstance(k, tuple) else (int(k), 0) for k in keys]
         idx = np.fromiter((i for i, _ in pairs), dtype=np.int64, count=len(pairs))
         if self.transform is None:
-            images = _empty_images(len(idx), self.source.read(int(idx[0])).shape)
+            images = _empty_images(len(idx), self.source.image_shape)
             self.source.read_many(idx, out=images.numpy())
         else:
             self.transform.set_random_seed(pairs[0][1])
@@ -115,16 +118,6 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         for b in range(self.start_batch, len(self)):
             chunk = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
             yield [(i, int(seeds[b])) for i in chunk]
-
-
-def resolve_workers(workers: int | None) -> int:
-    """``None`` means one worker per CPU core this process may use."""
-    if workers is not None:
-        return workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def make_loader(

@@ -74,7 +74,7 @@ def summary(times: dict[str, float], work_dir: Path) -> str:
 
 
 def _cores() -> int:
-    from foldkit.dataset import resolve_workers
+    from foldkit.store import resolve_workers
 
     return resolve_workers(None)
 

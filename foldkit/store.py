@@ -60,6 +60,16 @@ _CHUNK = 256  # images per worker task: small enough for a smooth progress bar, 
 _SKIP_HINT = "(--set data.on_bad_image=skip leaves them out of training and gives test ones the fallback)"
 
 
+def resolve_workers(workers: int | None) -> int:
+    """``None`` means one process per CPU core this process may use (loader workers, store build)."""
+    if workers is not None:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def store_dir(work_dir: Path, split: str, size: tuple[int, int]) -> Path:
     """``<work-dir>/store/<split>-<H>x<W>``: one store per split group and pixel size."""
     return Path(work_dir) / "store" / f"{split}-{size[0]}x{size[1]}"
@@ -306,7 +316,7 @@ def _build(
     """Decode everything into a temporary file, then move the files into place (store.json last)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
-    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    workers = max(1, resolve_workers(workers or None))  # 0, like None: every core
     start = time.perf_counter()
     try:
         with atomic_path(folder / "images.u8") as tmp:
@@ -360,6 +370,10 @@ class StoreSource:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.shape[1], self.shape[2], 3)
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None}
 
@@ -386,6 +400,10 @@ class FileSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.size[0], self.size[1], 3)
 
     def read(self, i: int) -> np.ndarray:
         path = self.data_dir / self.paths[i]
@@ -443,7 +461,7 @@ def check_images(
 ) -> set[str]:
     """Decode every image once, in parallel, writing nothing (the store's build without a store):
     ``DataError`` naming each bad file with its label-file line, or with ``skip`` their paths."""
-    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    workers = max(1, resolve_workers(workers or None))  # 0, like None: every core
     problems = _fill(None, data_dir, index["path"].tolist(), size, workers, "check images")
     if problems and on_bad_image != "skip":
         raise DataError(describe_bad(data_dir, index, problems), _SKIP_HINT)
