@@ -156,18 +156,23 @@ def train(args: argparse.Namespace) -> int:
     """Train mode: every (fold, backbone) pair asked for, after checking data, weights, device and folds."""
     if args.save_every is not None and args.save_every < 1:
         raise FoldkitError(f"--save-every {args.save_every}: expected a number of batches >= 1")
-    cfg, backbones, folds, n_images = preflight(  # before torch is imported: answers in a second
+    cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
     )
     from foldkit.folds import ensure_folds, fold_settings
     from foldkit.train import fit_fold, open_trainval_images
 
     exp = args.exp or Path(args.config).stem
-    check_models(cfg, backbones, n_images, len(folds))
+    check_models(cfg, backbones, len(index), len(folds))
     guard_refold(args.work_dir, cfg, args.refold)
-    images = open_trainval_images(cfg, args.data_dir, args.work_dir)  # bad images stop here, named
+    images = open_trainval_images(cfg, args.data_dir, args.work_dir, index)  # bad images stop here
     folds_df, meta = ensure_folds(
-        args.data_dir, args.work_dir, **fold_settings(cfg.data), force=args.refold, exclude=images.bad
+        args.data_dir,
+        args.work_dir,
+        **fold_settings(cfg.data),
+        force=args.refold,
+        exclude=images.bad,
+        index=index,
     )  # every fold setting of the config's data section, allow_unmatched included
     results = []
     for fold in folds:

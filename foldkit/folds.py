@@ -513,6 +513,7 @@ def ensure_folds(
     force: bool = False,
     workers: int | None = None,
     exclude: Collection[str] = (),
+    index: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Reuse folds made with the same settings on the same data, else rebuild and write them.
 
@@ -520,6 +521,7 @@ def ensure_folds(
     the settings or the data index change. ``allow_unmatched`` is not a setting of the folds (it only
     permits a regex that misses many names), so it never forces a rebuild. ``exclude``: image paths
     left out of the folds (unreadable ones under ``on_bad_image: skip``); the data hash covers them.
+    ``index``: the train+validate index when the caller has read it already.
     """
     settings = {
         "k": k,
@@ -530,7 +532,7 @@ def ensure_folds(
         "near_dup_min_corr": near_dup_min_corr,
         "near_dup_max_group": near_dup_max_group,
     }
-    index = read_trainval(Path(data_dir))
+    index = read_trainval(Path(data_dir)) if index is None else index
     if len(exclude):
         index = index[~index["path"].isin(set(exclude))].reset_index(drop=True)
         logger.info("leaving %d unreadable image(s) out of the folds", len(exclude))

@@ -20,6 +20,7 @@ from foldkit.config import RunConfig
 from foldkit.io import FoldkitError
 
 if TYPE_CHECKING:  # torch loads only when a check needs it: --help and argument errors stay instant
+    import pandas as pd
     from torch import nn
 
 log = logging.getLogger("foldkit.main")
@@ -89,8 +90,9 @@ def _collect(problems: list[str], check: Callable[..., Any], *args: Any) -> Any:
     return None
 
 
-def check_data(data_dir: Path, problems: list[str]) -> int | None:
-    """Number of train+validate images, or None with the label files' problems appended.
+def check_data(data_dir: Path, problems: list[str]) -> pd.DataFrame | None:
+    """The train+validate index (handed on, so the label files are read once), or None with the
+    label files' problems appended.
 
     The test split is not needed to train, so its problems (and test names that also appear in
     train/validate) are warnings now rather than a surprise in ``ensemble.py --mode test`` hours later.
@@ -112,15 +114,16 @@ def check_data(data_dir: Path, problems: list[str]) -> int | None:
         else:
             if trainval is not None:
                 warn_test_overlap(trainval, test)
-    return None if trainval is None else len(trainval)
+    return trainval
 
 
 def preflight(
     load_config: Callable[[], RunConfig], model: str | None, fold: str, data_dir: Path
-) -> tuple[RunConfig, list[str], list[int], int]:
+) -> tuple[RunConfig, list[str], list[int], pd.DataFrame]:
     """Check everything cheap before anything slow (importing torch, the hub, hashing images): config,
     ``--model``, ``--fold``, an explicit device, the data folder and label files. Every problem found
-    goes into one error, so one run shows them all. Returns (config, backbones, folds, image count)."""
+    goes into one error, so one run shows them all. Returns (config, backbones, folds, train+validate
+    index)."""
     problems: list[str] = []
     cfg = _collect(problems, load_config)
     backbones = folds = None
@@ -131,7 +134,7 @@ def preflight(
             from foldkit.train import resolve_device
 
             _collect(problems, resolve_device, cfg.device)
-    n_images = check_data(Path(data_dir), problems)
+    index = check_data(Path(data_dir), problems)
     if len(problems) == 1:
         raise FoldkitError(problems[0])
     if problems:
@@ -139,7 +142,7 @@ def preflight(
         raise FoldkitError(
             "\n  ".join([f"{len(problems)} problems stop this run:", *problems[:_MAX_LISTED], *more])
         )
-    return cfg, backbones, folds, n_images
+    return cfg, backbones, folds, index
 
 
 def time_batch(model: nn.Module, img_size: int, n: int) -> float:

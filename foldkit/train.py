@@ -415,13 +415,16 @@ def _attach_log(model_dir: Path) -> logging.Handler:
     return handler
 
 
-def open_trainval_images(cfg: RunConfig, data_dir: Path, work_dir: Path) -> Store | FileSet:
+def open_trainval_images(
+    cfg: RunConfig, data_dir: Path, work_dir: Path, index: pd.DataFrame | None = None
+) -> Store | FileSet:
     """Every train + validate image, decoded once: the store (built or reused), or with
     ``data.cache: false`` a full decode check. Unreadable images stop here (exit 2, each named with
     its label-file line) or, with ``data.on_bad_image: skip``, are listed in ``.bad``. Call it before
-    any CUDA work: the build forks decoding processes."""
+    any CUDA work: the build forks decoding processes. ``index``: the train+validate index when the
+    caller has read it already (``read_trainval`` otherwise)."""
     workers = None if cfg.data.workers is None else max(1, cfg.data.workers)
-    index = read_trainval(Path(data_dir))
+    index = read_trainval(Path(data_dir)) if index is None else index
     return open_images(
         data_dir,
         work_dir,

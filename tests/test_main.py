@@ -365,7 +365,7 @@ def test_test_names_shared_with_train_are_warned_before_training(
     with (data / "test/test_label.txt").open("a") as fh:
         fh.write("".join(f"{name}\n" for name in train_names[:2]))
     problems: list[str] = []
-    assert preflight.check_data(data, problems) == 40 and problems == []
+    assert len(preflight.check_data(data, problems)) == 40 and problems == []
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(
         f"2 of 14 test names also appear in train/validate (e.g. {train_names[0]}" in w for w in warnings
