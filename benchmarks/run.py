@@ -11,11 +11,14 @@ batches ready for the model). ``--gpu`` runs, for ``tf_efficientnet_b3`` at 224 
 ``efficientnet_b0`` at 112 px (batch 128, bf16, channels_last, ``pretrained=false``):
 
 1. the model's bare training step on random GPU tensors (forward + backward + fused AdamW): the
-   ceiling; and the same with the default recipe's extras (dropout, drop path, clipping, EMA);
+   ceiling; and the same with the default recipe's extras (dropout, drop path, clipping, EMA), for
+   b3 also each extra alone and timm's ``ModelEmaV3`` against foldkit's ``CachedEma``;
 2. ``main.py --fold 0 --epochs 2`` on D as a user runs it (the store path), train images/s of
    epoch 1 and 2 from its ``history.csv`` and the one-time warm-up from its ``train.log``; for b3
    also a lean run without the recipe's extras (the loop against the plain ceiling);
-3. with ``--old-tree``: the same command in a checkout of the code before the uint8 path (float32
+3. with ``--pair`` (the default): two b0 jobs on the one GPU at once, as ``main.py --devices
+   cuda:0,cuda:0`` runs them, against one job alone run twice;
+4. with ``--old-tree``: the same command in a checkout of the code before the uint8 path (float32
    resized in the workers, workers re-spawned per epoch, a host sync per step).
 
 It also records the peak GPU memory of each bare step (and of ``convnext_tiny``, the default config's
@@ -115,20 +118,33 @@ def quick(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+RECIPE = frozenset({"drop", "clip", "ema"})
+
+
 def bare_step(
-    backbone: str, size: int, batch: int, recipe: bool = False, steps: int = 30, warmup: int = 10
+    backbone: str,
+    size: int,
+    batch: int,
+    extras: frozenset[str] = frozenset(),
+    ema_kind: str = "cached",
+    steps: int = 30,
+    warmup: int = 10,
 ) -> dict[str, float]:
     """Images/s and peak memory of forward + backward + fused AdamW on GPU tensors (bf16,
-    channels_last). ``recipe``: also configs/default.yaml's training extras (dropout 0.3, drop path
-    0.2, grad clipping, EMA), so the loop's own cost can be told apart from the recipe's."""
+    channels_last). ``extras``: any of configs/default.yaml's training extras, ``drop`` (dropout 0.3,
+    drop path 0.2), ``clip`` (grad-norm clipping) and ``ema`` (weight EMA: ``ema_kind`` timm's
+    ``ModelEmaV3`` or foldkit's ``CachedEma``), so each one's cost can be told apart."""
     import timm
     import timm.utils
 
-    extra = {"drop_rate": 0.3, "drop_path_rate": 0.2} if recipe else {}
-    model = timm.create_model(backbone, pretrained=False, num_classes=1, **extra).cuda()
+    from foldkit.ema import CachedEma
+
+    drop = {"drop_rate": 0.3, "drop_path_rate": 0.2} if "drop" in extras else {}
+    model = timm.create_model(backbone, pretrained=False, num_classes=1, **drop).cuda()
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ema = timm.utils.ModelEmaV3(model, decay=0.9995, use_warmup=True) if recipe else None
+    ema_cls = CachedEma if ema_kind == "cached" else timm.utils.ModelEmaV3
+    ema = ema_cls(model, decay=0.9995, use_warmup=True) if "ema" in extras else None
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, device="cuda") > 0.5).float()
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -141,7 +157,7 @@ def bare_step(
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(model(x).float().reshape(-1), y)
         loss.backward()
-        if recipe:
+        if "clip" in extras:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,6 +169,26 @@ def bare_step(
     del model, opt, x, ema
     torch.cuda.empty_cache()
     return {"img_s": round(rate, 1), "peak_gib": round(peak, 2)}
+
+
+def components(backbone: str, size: int, batch: int) -> dict[str, dict[str, float]]:
+    """The bare step with each recipe extra alone, then all of them, timm's EMA against foldkit's;
+    the plain step again at the end shows how much the machine drifted meanwhile."""
+    variants: list[tuple[str, frozenset[str], str]] = [
+        ("plain", frozenset(), "cached"),
+        ("+drop", frozenset({"drop"}), "cached"),
+        ("+clip", frozenset({"clip"}), "cached"),
+        ("+ema timm", frozenset({"ema"}), "timm"),
+        ("+ema cached", frozenset({"ema"}), "cached"),
+        ("recipe, timm ema", RECIPE, "timm"),
+        ("recipe, cached ema", RECIPE, "cached"),
+        ("plain again", frozenset(), "cached"),
+    ]
+    out = {}
+    for name, extras, ema_kind in variants:
+        out[name] = bare_step(backbone, size, batch, extras, ema_kind)
+        print(f"bare {backbone} {size} {name}: {out[name]}", flush=True)
+    return out
 
 
 def main_py_run(
@@ -178,6 +214,8 @@ def main_py_run(
     header = history[0].split(",")
     rates = [float(row.split(",")[header.index("img_s")]) for row in history[1:]]
     result = {"epoch1_img_s": rates[0], "epoch2_img_s": rates[1], "wall_s": round(wall, 1)}
+    if len(rates) > 2:
+        result["later_img_s"] = rates[2:]
     log = next(work.glob("models/*/*/fold0/train.log")).read_text()
     if (m := re.search(r"warm-up .*?: ([\d.]+) s", log)) is not None:
         result["warmup_s"] = float(m.group(1))
@@ -199,8 +237,49 @@ def _ratios(run: dict, ceiling: float, recipe_ceiling: float) -> dict:
     return run
 
 
+def pair_on_one_gpu(args: argparse.Namespace, backbone: str, size: int, single: dict) -> dict:
+    """Two ``main.py`` jobs on one GPU at once (what ``--devices cuda:0,cuda:0`` does), each with
+    half the CPU cores' workers, against the same job alone run twice in a row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = ["--workers", str(max(1, (os.cpu_count() or 2) // 2))]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [
+            pool.submit(main_py_run, ROOT, args, backbone, size, f"pair{i}-{backbone}", half) for i in (1, 2)
+        ]
+        runs = [job.result() for job in jobs]
+    wall = time.perf_counter() - start
+    out: dict[str, Any] = {"pair_wall_s": round(wall, 1), "runs": runs}
+    if "wall_s" in single and all("epoch2_img_s" in r for r in runs):
+        out["sequential_wall_s"] = round(2 * single["wall_s"], 1)
+        out["pair_over_sequential"] = round(wall / (2 * single["wall_s"]), 3)
+        out["pair_epoch2_img_s"] = round(sum(r["epoch2_img_s"] for r in runs), 1)
+        out["pair_epoch2_over_single"] = round(out["pair_epoch2_img_s"] / single["epoch2_img_s"], 3)
+    return out
+
+
+def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """efficientnet_b0 at 112 px (a host-bound step on a fast GPU): main.py's loop with several
+    DataLoader worker counts, ``--epochs`` each, against the bare step measured in the same call."""
+    backbone, size = "efficientnet_b0", 112
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()}
+    for name, extras in (("bare", frozenset()), ("bare+recipe", RECIPE)):
+        out[name] = bare_step(backbone, size, args.batch, extras)
+        print(name, out[name], flush=True)
+    for workers in args.sweep_workers:
+        extra = ["--workers", str(workers), "--epochs", str(args.epochs)]
+        run = main_py_run(ROOT, args, backbone, size, f"sweep{workers}-{backbone}", extra)
+        out[f"workers {workers}"] = _ratios(run, out["bare"]["img_s"], out["bare+recipe"]["img_s"])
+        print("workers", workers, out[f"workers {workers}"], flush=True)
+        _save(out, args.out)
+    return out
+
+
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything the data-path issue asks to measure on a GPU, in one call."""
+    """Everything the data-path issue asks to measure on a GPU, in one call: the bare step and its
+    recipe's parts, then main.py as a user runs it, the most telling runs first (a run cut short
+    by a time limit keeps what it measured)."""
     out: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -208,12 +287,13 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(out, flush=True)
     cases = [("tf_efficientnet_b3", 224), ("efficientnet_b0", 112)]
+    out[f"bare parts {cases[0][0]} {cases[0][1]}"] = components(*cases[0], args.batch)
+    _save(out, args.out)
     for backbone, size in cases:
-        for recipe in (False, True):
-            key = f"bare{'+recipe' if recipe else ''} {backbone} {size}"
-            out[key] = bare_step(backbone, size, args.batch, recipe)
-            print(key, out[key], flush=True)
-            _save(out, args.out)
+        for name, extras in (("bare", frozenset()), ("bare+recipe", RECIPE)):
+            out[f"{name} {backbone} {size}"] = bare_step(backbone, size, args.batch, extras)
+            print(name, backbone, size, out[f"{name} {backbone} {size}"], flush=True)
+        _save(out, args.out)
     if args.convnext:
         out["bare convnext_tiny 224"] = bare_step("convnext_tiny", 224, args.batch)
     start = time.perf_counter()
@@ -222,7 +302,12 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     runs = [("new", ROOT, b, s, []) for b, s in cases] + [("lean", ROOT, *cases[0], lean)]
     runs += [("old", Path(args.old_tree).resolve(), b, s, []) for b, s in cases] if args.old_tree else []
     for tag, tree, backbone, size, extra in runs:
-        if tag == "old" and time.perf_counter() - start > args.budget:
+        if tag == "lean" and args.pair:
+            key = f"{cases[1][0]} {cases[1][1]}"
+            out[f"pair {key}"] = pair_on_one_gpu(args, *cases[1], out.get(f"new {key}", {}))
+            print("pair", key, out[f"pair {key}"], flush=True)
+            _save(out, args.out)
+        if tag in ("old", "lean") and time.perf_counter() - start > args.budget:
             print(f"skipping {tag} {backbone}: over --budget", flush=True)
             continue
         key = f"{backbone} {size}"
@@ -251,6 +336,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="--gpu: batch size")
     p.add_argument("--old-tree", type=Path, default=None, help="--gpu: a checkout of the pre-store code")
     p.add_argument(
+        "--sweep-workers",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="--gpu: instead of the full set, efficientnet_b0's main.py loop at these worker counts",
+    )
+    p.add_argument("--epochs", type=int, default=3, help="--sweep-workers: epochs per run")
+    p.add_argument(
+        "--pair",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--gpu: also two efficientnet_b0 jobs on the one GPU at once (--devices cuda:0,cuda:0)",
+    )
+    p.add_argument(
         "--convnext", action="store_true", help="--gpu: also the bare step of convnext_tiny at 224 px"
     )
     p.add_argument(
@@ -265,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = quick(args) if args.quick else gpu(args)
+    result = quick(args) if args.quick else worker_sweep(args) if args.sweep_workers else gpu(args)
     _save(result, args.out)
     print(json.dumps(result, indent=2))
     return 0

@@ -110,6 +110,13 @@ class DeviceLoader:
     def batch_sampler(self) -> Sampler:
         return self.loader.batch_sampler
 
+    def start_workers(self) -> None:
+        """Fork the persistent workers now and let them fill their prefetch queues, e.g. while the
+        GPU warms up; the next iteration reuses them (what they prefetched here is dropped), so the
+        first epoch does not pay for starting them."""
+        if self.loader.num_workers > 0 and self.loader.persistent_workers:
+            iter(self.loader)
+
     def _to_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels, idx = batch
         images = images.to(self.device, non_blocking=True)

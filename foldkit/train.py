@@ -13,6 +13,7 @@ left for torchrun DDP (the loaders are built in one place, ``_loaders``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -30,7 +31,6 @@ import numpy as np
 import pandas as pd
 import timm.optim
 import timm.scheduler
-import timm.utils
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,6 +42,7 @@ from foldkit.config import RunConfig, save_config, to_dict
 from foldkit.data import read_trainval
 from foldkit.dataset import ImageDataset, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
+from foldkit.ema import CachedEma
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 from foldkit.models import count_params, create_model, data_stats
 from foldkit.predict import (
@@ -212,7 +213,7 @@ class _Trainer:
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    ema: timm.utils.ModelEmaV3 | None
+    ema: CachedEma | None
     scaler: torch.amp.GradScaler
     step: int = 0
     label: str = ""  # "<backbone> fold <k>", for error messages
@@ -249,6 +250,7 @@ class _Trainer:
         checkpoint holds.
         """
         tc, epoch, first = self.cfg.train, progress.epoch, progress.batch
+        ls = tc.label_smoothing
         self.model.train()
         loader.batch_sampler.set_epoch(epoch, first)
         n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
@@ -261,10 +263,11 @@ class _Trainer:
         for i, (images, labels, _) in enumerate(bar, start=first):
             if i >= n_batches:
                 break
-            targets = labels * (1 - tc.label_smoothing) + 0.5 * tc.label_smoothing
+            # host-bound on a fast GPU: every kernel launch counts, so no-op arithmetic is skipped
+            targets = labels * (1 - ls) + 0.5 * ls if ls else labels
             with autocast(self.device, self.dtype):
                 loss = self.criterion(self.model(images).float().reshape(-1), targets)
-            self.scaler.scale(loss / tc.accum_steps).backward()
+            self.scaler.scale(loss / tc.accum_steps if tc.accum_steps > 1 else loss).backward()
             stepped = (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches
             if stepped:
                 self._optimizer_step()
@@ -311,13 +314,17 @@ class _Trainer:
                 "Try a lower train.lr, train.grad_clip, or --set train.amp=bf16."
             )
 
-    def _optimizer_step(self) -> None:
+    def _apply_gradients(self) -> None:
+        """Clip, step the optimizer and the scaler, clear the gradients: the update itself."""
         if self.cfg.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self) -> None:
+        self._apply_gradients()
         self.step += 1
         self.scheduler.step_update(self.step)
         if self.ema is not None:
@@ -352,7 +359,7 @@ def _make_trainer(
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    ema = timm.utils.ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
+    ema = CachedEma(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
     if tc.compile:
         model = torch.compile(model)
     dtype = amp_dtype(cfg, device)
@@ -364,29 +371,55 @@ def _make_trainer(
     )
 
 
-def warm_up(trainer: _Trainer) -> float:
-    """One forward + backward on a dummy training batch, weights and buffers restored after; returns
-    its seconds.
+def _snapshot(trainer: _Trainer) -> dict[str, Any]:
+    """Copies of everything a training step changes: weights and buffers, EMA, optimizer, scaler."""
+    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+    return {
+        "model": clone(trainer.model.state_dict()),
+        "ema": clone(trainer.ema.module.state_dict()) if trainer.ema is not None else None,
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "scaler": trainer.scaler.state_dict(),
+    }
+
+
+def _restore(trainer: _Trainer, saved: dict[str, Any]) -> None:
+    trainer.model.load_state_dict(saved["model"])
+    if trainer.ema is not None:
+        trainer.ema.module.load_state_dict(saved["ema"])
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"]:
+        trainer.scaler.load_state_dict(saved["scaler"])
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def warm_up(trainer: _Trainer, steps: int = 2) -> float:
+    """``steps`` full training steps (forward, backward, clipping, optimizer, EMA) on a dummy batch,
+    with everything they change restored after; returns their seconds.
 
     With ``cudnn.benchmark`` the first step of every new shape searches for the fastest kernels and
-    CUDA loads kernels lazily: about 20 s for an EfficientNet at batch 128 on an H200, which would
-    otherwise land in epoch 1 and make its images/s meaningless. The cost is the same; it is just
-    logged apart from the epochs. The RNG streams are forked, so dropout draws here shift nothing: a
-    run and its resumed continuation see the same random numbers.
+    CUDA loads kernels lazily; the optimizer allocates its state and the caching allocator grows on
+    the first update. About 20-30 s for an EfficientNet at batch 128 on an H200, which would otherwise
+    land in epoch 1 and make its images/s meaningless. The cost is the same; it is just logged apart
+    from the epochs. The RNG streams are forked, so dropout draws here shift nothing: a run and its
+    resumed continuation see the same random numbers.
     """
     cfg, model, device = trainer.cfg, trainer.model, trainer.device
     start = time.perf_counter()
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved = _snapshot(trainer)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    size = cfg.data.img_size
-    x = torch.zeros(cfg.train.batch_size, 3, size, size, device=device).contiguous(memory_format=fmt)
+    size, batch = cfg.data.img_size, cfg.train.batch_size
+    x = torch.zeros(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.zeros(batch, device=device)
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with autocast(device, trainer.dtype):
-            out = model(x).float().sum()
-        out.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    model.load_state_dict(saved)
+        for _ in range(steps):
+            with autocast(device, trainer.dtype):
+                loss = trainer.criterion(model(x).float().reshape(-1), y)
+            trainer.scaler.scale(loss).backward()
+            trainer._apply_gradients()
+            if trainer.ema is not None:
+                trainer.ema.update(model, step=trainer.step + 1)
+    _restore(trainer, saved)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -587,6 +620,8 @@ def _train_fold(
     }
     try:
         if device.type == "cuda":
+            train_dl.start_workers()  # they fork and prefetch while the GPU warms up
+            val_dl.start_workers()
             log.info("warm-up (cuDNN autotuning, CUDA kernel loading): %.1f s", warm_up(trainer))
         if ckpt is not None:  # last: after every set-up step that draws random numbers
             set_rng_state(ckpt["rng"])

@@ -247,8 +247,15 @@ def test_store_and_png_paths_give_the_same_oof(tiny_data: Path, trained: Path, t
     assert (tmp_path / oof).read_bytes() == (trained / oof).read_bytes()
 
 
+def _step(trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = trainer.criterion(trainer.model(x).float().reshape(-1), y)
+    loss.backward()
+    trainer._optimizer_step()
+
+
 def test_warm_up_leaves_weights_buffers_and_grads_untouched() -> None:
-    """The GPU warm-up step runs forward + backward but must not train: everything is restored."""
+    """The GPU warm-up runs full training steps (optimizer and EMA included) but must not train:
+    a run with it continues exactly like one without, mid-run (optimizer state present) too."""
     import timm
 
     from foldkit.config import RunConfig
@@ -256,13 +263,29 @@ def test_warm_up_leaves_weights_buffers_and_grads_untouched() -> None:
 
     cfg = RunConfig(backbones=["test_resnet"], pretrained=False, device="cpu")
     cfg.data.img_size, cfg.train.batch_size = 32, 4
+    torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=1)
+    twin = timm.create_model("test_resnet", num_classes=1)
+    twin.load_state_dict(model.state_dict())
+    a, b = (
+        _make_trainer(cfg, m, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0) for m in (model, twin)
+    )
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0.0, 1.0, 1.0, 0.0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = _make_trainer(cfg, model, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0)
-    assert warm_up(trainer) > 0
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats included
-    assert all(p.grad is None for p in model.parameters())
+    assert warm_up(a) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
+    assert all(p.grad is None for p in model.parameters()) and not a.optimizer.state
+    for trainer in (a, b):
+        _step(trainer, x, y)
+    warm_up(a)  # now with optimizer state and a moved EMA to restore
+    for trainer in (a, b):
+        _step(trainer, x, y)
+    for sa, sb in ((model, twin), (a.ema.module, b.ema.module)):
+        for k, v in sa.state_dict().items():
+            assert torch.equal(v, sb.state_dict()[k]), k
+    assert a.step == b.step == 2
+    exp_avg = [s["exp_avg"] for s in a.optimizer.state.values()]
+    assert all(torch.equal(e, f["exp_avg"]) for e, f in zip(exp_avg, b.optimizer.state.values(), strict=True))
 
 
 def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
