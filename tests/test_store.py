@@ -180,6 +180,19 @@ def test_device_transform_resizes_and_normalises() -> None:
     torch.testing.assert_close(half, pooled, rtol=1e-5, atol=1e-5)
     big = DeviceTransform(16, mean, std, torch.device("cpu"), channels_last=True)(images)
     assert big.shape == (2, 3, 16, 16) and big.is_contiguous(memory_format=torch.channels_last)
+    up = torch.nn.functional.interpolate(ref, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(big, up, rtol=1e-5, atol=1e-5)
+    # a non-square batch, normalised in its NHWC rows (channel order must survive the tiling)
+    wide = torch.randint(0, 256, (2, 6, 10, 3), dtype=torch.uint8)
+    wide_ref = (wide.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
+    for cl in (False, True):
+        out = DeviceTransform(12, mean, std, torch.device("cpu"), channels_last=cl)(wide)
+        expect = torch.nn.functional.interpolate(
+            wide_ref, size=(12, 12), mode="bilinear", align_corners=False
+        )
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         DeviceTransform(8, mean, std, torch.device("cpu"))(images.float())
 
