@@ -6,6 +6,8 @@
     python main.py                               # the seed's command: defaults on ./data, all folds
     python main.py --batch=4 --mode="test" --model_name 1.pth   # the seed's test command
     python main.py --fold all --save-every 500   # after a crash: the same command continues the run
+    python main.py --fold all --devices cuda:0,cuda:1   # one (fold, backbone) job per device at a time
+    torchrun --nproc_per_node=4 main.py --fold 0 # one fold on 4 GPUs (DistributedDataParallel)
 
 Artifacts (under --work-dir): folds/, models/<exp>/<backbone>/fold<k>/, oof/<exp>/<backbone>/fold<k>.csv.
 Test mode writes --prediction_file (default prediction.txt) as `name label` lines.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", default=None, help="test mode: TTA (none, hflip, d4, ...; default: the checkpoint's)"
     )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="DEV,DEV",
+        help="train the (fold, backbone) jobs in parallel, one per listed device at a time, each "
+        "its own main.py process and log: cuda:0,cuda:1 | cuda:0,cuda:0 | cpu,cpu (default: none, one "
+        "job after another in this process)",
+    )
     p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
     return p
 
@@ -156,32 +167,36 @@ def train(args: argparse.Namespace) -> int:
     """Train mode: every (fold, backbone) pair asked for, after checking data, weights, device and folds."""
     if args.save_every is not None and args.save_every < 1:
         raise FoldkitError(f"--save-every {args.save_every}: expected a number of batches >= 1")
+    devices = _check_devices_option(args)
     cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
     )
-    from foldkit.folds import ensure_folds, fold_settings
-    from foldkit.train import fit_fold, open_trainval_images
+    from foldkit import distributed
+    from foldkit.train import fit_fold
 
     exp = args.exp or Path(args.config).stem
-    check_models(cfg, backbones, len(index), len(folds))
-    guard_refold(args.work_dir, cfg, args.refold)
-    images = open_trainval_images(cfg, args.data_dir, args.work_dir, index)  # bad images stop here
-    folds_df, meta = ensure_folds(
-        args.data_dir,
-        args.work_dir,
-        **fold_settings(cfg.data),
-        force=args.refold,
-        exclude=images.bad,
-        index=index,
-    )  # every fold setting of the config's data section, allow_unmatched included
+    rank = distributed.env_rank()
+    if rank == 0:  # under torchrun the other ranks wait in distributed.init until these exist
+        check_models(cfg, backbones, len(index), len(folds))
+        guard_refold(args.work_dir, cfg, args.refold)
+        images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
+    if devices:
+        return schedule(args, cfg, backbones, folds, devices, exp)
+    if distributed.launched():
+        distributed.init(cfg.device, cfg.train.dist_timeout_s)
+        if rank > 0:  # rank 0 built them: reuse, never rebuild
+            images, folds_df, meta = shared_artifacts(args, cfg, index, False)
     results = []
-    for fold in folds:
-        for backbone in backbones:
-            result = fit_fold(
-                cfg, backbone, fold, folds_df, meta["hash"], args.data_dir, args.work_dir, exp,
-                resume=args.resume, force=args.force, save_every=args.save_every, images=images,
-            )  # fmt: skip
-            results.append(result)
+    try:
+        for fold in folds:
+            for backbone in backbones:
+                result = fit_fold(
+                    cfg, backbone, fold, folds_df, meta["hash"], args.data_dir, args.work_dir, exp,
+                    resume=args.resume, force=args.force, save_every=args.save_every, images=images,
+                )  # fmt: skip
+                results.append(result)
+    finally:
+        distributed.shutdown()
     for r in results:
         log.info(
             "done: %s fold %d best epoch %d %s %.4f -> %s%s",
@@ -193,6 +208,66 @@ def train(args: argparse.Namespace) -> int:
             r["oof"],
             " (finished before: skipped)" if r.get("skipped") else "",
         )
+    return 0
+
+
+def shared_artifacts(
+    args: argparse.Namespace, cfg: RunConfig, index: object, refold: bool
+) -> tuple[object, object, dict]:
+    """The image store (built or reused; bad images stop here) and the folds (built, rebuilt with
+    ``refold``, or loaded): what every fold and backbone of the run reads."""
+    from foldkit.folds import ensure_folds, fold_settings
+    from foldkit.train import open_trainval_images
+
+    images = open_trainval_images(cfg, args.data_dir, args.work_dir, index)
+    folds_df, meta = ensure_folds(
+        args.data_dir,
+        args.work_dir,
+        **fold_settings(cfg.data),
+        force=refold,
+        exclude=images.bad,
+        index=index,
+    )  # every fold setting of the config's data section, allow_unmatched included
+    return images, folds_df, meta
+
+
+def _check_devices_option(args: argparse.Namespace) -> list[str] | None:
+    """The ``--devices`` list, or None; refuses the combinations that cannot mean anything."""
+    if not args.devices:
+        return None
+    from foldkit.scheduler import parse_devices
+
+    devices = parse_devices(args.devices)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FoldkitError("--devices starts its own processes: run it with python, not under torchrun")
+    if args.device:
+        raise FoldkitError("--devices gives each job its device; leave out --device")
+    return devices
+
+
+def schedule(
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    backbones: list[str],
+    folds: list[int],
+    devices: list[str],
+    exp: str,
+) -> int:
+    """``--devices``: every (fold, backbone) job as its own main.py process, one per device entry at a
+    time (``foldkit.scheduler``); the folds and the store exist already, so the jobs only read them."""
+    from foldkit.scheduler import Job, args_to_argv, check_devices, run_jobs, summarize
+
+    check_devices(devices)
+    skip = {"devices", "fold", "model", "refold", "device"}  # each job gets its own
+    base = args_to_argv(build_parser(), args, skip)
+    log_dir = args.work_dir / "logs" / exp
+    jobs = [
+        Job(k, b, [*base, "--fold", str(k), "--model", b], log_dir / f"{b.replace('/', '_')}-fold{k}.log")
+        for k in folds
+        for b in backbones
+    ]
+    log.info("%d job(s) on %d device slot(s): %s", len(jobs), len(devices), ", ".join(devices))
+    summarize(run_jobs(jobs, devices, Path(__file__).resolve(), cfg.device))
     return 0
 
 
@@ -276,7 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run train or (seed-compatible) test mode."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return test(args) if args.mode == "test" else train(args)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and rank > 0:  # torchrun: rank 0 logs for the run; the others only their errors
+        logging.getLogger("foldkit").setLevel(logging.ERROR)
+    try:
+        return test(args) if args.mode == "test" else train(args)
+    except FoldkitError as exc:
+        if world == 1:
+            raise
+        named = FoldkitError(f"rank {rank} of {world}: {exc}")  # torchrun then stops the other ranks
+        named.exit_code = exc.exit_code
+        raise named from exc
 
 
 if __name__ == "__main__":

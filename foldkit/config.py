@@ -100,6 +100,11 @@ class TrainConfig:
     metric: str = "f1"  # model selection and early stopping: f1 (best-threshold F1), auc, loss
     patience: int | None = None  # epochs without improvement before stopping; null: never
     max_train_batches: int | None = None  # cap batches per epoch (smoke tests only)
+    # Under torchrun (DDP) batch_size is per process: the global batch is batch_size x processes x
+    # accum_steps, and lr is not rescaled for it (scale it yourself, README "Several GPUs").
+    sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
+    dist_timeout_s: float = 1800.0  # DDP: seconds a collective (and the start, while rank 0 builds the
+    # folds and image store) may wait for the other ranks before failing instead of hanging
 
 
 @dataclass
@@ -176,6 +181,7 @@ def validate(cfg: RunConfig) -> None:
         "train.label_smoothing": 0 <= tc.label_smoothing < 1,
         "train.patience": tc.patience is None or tc.patience >= 1,
         "train.max_train_batches": tc.max_train_batches is None or tc.max_train_batches >= 1,
+        "train.dist_timeout_s": math.isfinite(tc.dist_timeout_s) and tc.dist_timeout_s > 0,
         "augment.jpeg_quality": len(aug.jpeg_quality) == 2
         and 1 <= aug.jpeg_quality[0] <= aug.jpeg_quality[1] <= 100,
         "augment.dropout_holes": aug.dropout_holes >= 1,

@@ -97,27 +97,85 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     ``set_epoch(epoch, start_batch)`` selects the epoch (as DistributedSampler does) and where in it to
     begin, so a run resumed mid-epoch continues with the very next batch.
+
+    Under DDP (``world_size`` > 1) every rank computes the same global sequence of batches and rank
+    ``r`` takes batches ``r, r + W, r + 2W, ...`` of it, each with its own seed: one optimizer step of
+    W ranks trains the W consecutive batches a single process would train one by one, with the same
+    pixels, so augmentation stays a pure function of (seed, epoch, batch). Why not torch's
+    ``DistributedSampler``: it shards single indices (per-batch seeds and whole batches are this
+    sampler's job) and pads the last round by repeating indices, which would count images twice in
+    the gathered predictions and in ``train_images``.
+
+    The end of an epoch: with ``drop_last`` (training) the images after the last full round of W
+    batches are split across the ranks into one last batch each, sizes differing by at most one (DDP
+    needs the same number of steps on every rank), so every image is trained on once per epoch; when
+    that would leave a rank a batch of fewer than 2 images (BatchNorm cannot train on one), they are
+    left out of that epoch instead (fewer than 2W, a different random few each epoch). A single
+    process keeps its old rule: the last partial batch is dropped. Without ``drop_last`` (evaluation)
+    the ranks take their batches of the ordered sequence with no padding, so the counts may differ by
+    one batch and the gathered predictions hold every image exactly once.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last = drop_last
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
+    def _global_batches(self) -> int:
+        """Batches of the whole (single-process) sequence: what the per-batch seeds are drawn for."""
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest > 0)
+
+    def _tail(self) -> int:
+        """Images each rank gets in the split last round under DDP training (0: no such batch)."""
+        rest = self.n % (self.batch_size * self.world_size)
+        return rest // self.world_size if rest // self.world_size >= 2 else 0
+
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full if self.drop_last else full + (rest > 0)
+        if self.world_size == 1:
+            return full if self.drop_last else full + (rest > 0)
+        if not self.drop_last:  # evaluation: every rank-th batch of the ordered sequence
+            return len(range(self.rank, self._global_batches(), self.world_size))
+        return self.n // (self.batch_size * self.world_size) + (self._tail() > 0)
+
+    def _slices(self) -> list[tuple[int, int, int]]:
+        """(start, stop, global batch number) of this rank's batches in the epoch's order."""
+        b, w = self.batch_size, self.world_size
+        if w == 1 or not self.drop_last:
+            total = len(self) if w == 1 else self._global_batches()
+            return [(g * b, min(self.n, (g + 1) * b), g) for g in range(self.rank, total, w)]
+        rounds = self.n // (b * w)
+        mine = [j * w + self.rank for j in range(rounds)]  # global batch numbers of this rank
+        out = [(g * b, (g + 1) * b, g) for g in mine]
+        if self._tail():  # the last round: the rest split evenly (np.array_split's sizes)
+            start, rest = rounds * w * b, self.n - rounds * w * b
+            sizes = [rest // w + (r < rest % w) for r in range(w)]
+            lo = start + sum(sizes[: self.rank])
+            out.append((lo, lo + sizes[self.rank], rounds * w + self.rank))
+        return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(max(1, len(self)))
-        for b in range(self.start_batch, len(self)):
-            chunk = order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
-            yield [(i, int(seeds[b])) for i in chunk]
+        n_seeds = max(1, self._global_batches(), (self.n // self.batch_size + 1) * self.world_size)
+        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(n_seeds)
+        for lo, hi, g in self._slices()[self.start_batch :]:
+            yield [(int(i), int(seeds[g])) for i in order[lo:hi]]
 
 
 def make_loader(
@@ -129,15 +187,19 @@ def make_loader(
     pin: bool = False,
     drop_last: bool = False,
     prefetch_factor: int = 4,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A DataLoader of uint8 batches whose order and augmentations depend only on ``seed`` and the
     sampler's epoch. Eval loaders pass ``shuffle=False`` so predictions come back in index order.
 
-    Workers persist across epochs (no re-spawn per epoch or per validation pass).
+    ``shard``: (rank, world size) under DDP, this process's share of the batches
+    (``EpochBatchSampler``). Workers persist across epochs (no re-spawn per epoch or per validation
+    pass).
     """
     workers = resolve_workers(workers)
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
-    if len(sampler) == 0:  # fewer images than one batch: keep the partial batch rather than none
+    rank, world = shard
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank, world)
+    if len(sampler) == 0 and world == 1:  # fewer images than one batch: keep the partial batch
         sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=False)
     return DataLoader(
         dataset,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from foldkit.config import TTA_NAMES, RunConfig, from_dict
 from foldkit.dataset import ImageDataset, ImageSource, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
+from foldkit.distributed import gather_by_index, is_main, shard
 from foldkit.io import FoldkitError
 from foldkit.models import create_model, load_weights
 from foldkit.store import FileSource, native_size
@@ -90,7 +91,8 @@ def predict_probs(
 ) -> np.ndarray:
     """Probabilities of class 1 for every item of ``loader``'s dataset, in dataset order.
 
-    Results stay on the device until the end: one host sync per pass, not one per batch.
+    Results stay on the device until the end: one host sync per pass, not one per batch. Under DDP
+    each rank predicts its shard and every rank returns the whole, gathered by image index.
     """
     net: nn.Module = _Probability(model)
     transforms = tta_transforms(tta)
@@ -98,13 +100,14 @@ def predict_probs(
         net = ttach.ClassificationTTAWrapper(net, transforms, merge_mode="mean")
     model.eval()
     probs, indices = [], []
-    for images, _, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
+    for images, _, idx in bar:
         with autocast(device, amp_dtype):
             probs.append(net(images).float().reshape(-1))
         indices.append(idx)
-    out = np.full(len(loader.dataset), np.nan, dtype=np.float64)
-    if probs:
-        out[torch.cat(indices).numpy()] = torch.cat(probs).cpu().numpy()
+    idx_all = torch.cat(indices).numpy() if probs else np.zeros(0, dtype=np.int64)
+    local = torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
+    out = gather_by_index(idx_all, local, len(loader.dataset), desc)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise FoldkitError(
@@ -126,11 +129,11 @@ def eval_loader(
     prefetch_factor: int = 4,
 ) -> DeviceLoader:
     """The one evaluation data path (validation, OOF, test): ordered uint8 batches, no CPU transform,
-    resized and normalised on the device."""
+    resized and normalised on the device. Never shuffled; under DDP sharded by rank."""
     ds = ImageDataset(source, [-1] * len(source))
     loader = make_loader(
-        ds, batch_size, False, workers, seed=0, pin=device.type == "cuda", prefetch_factor=prefetch_factor
-    )
+        ds, batch_size, False, workers, 0, device.type == "cuda", False, prefetch_factor, shard()
+    )  # under DDP: this rank's batches, no padding (predict_probs gathers them)
     cl = device.type == "cuda" if channels_last is None else channels_last
     return DeviceLoader(loader, DeviceTransform(size, mean, std, device, cl), device)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from foldkit.config import flatten
+from foldkit.config import RunConfig, flatten, to_dict
 from foldkit.io import FoldkitError
 from foldkit.predict import file_sha256
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: backbones the run trains, never which numbers this fold computes. ``train.epochs`` is deliberately
 #: not here: the cosine schedule's length is derived from it, so a resumed run with other epochs would
 #: follow neither schedule.
-HARMLESS_KEYS = frozenset({"data.workers", "data.prefetch_factor", "backbones"})
+HARMLESS_KEYS = frozenset({"data.workers", "data.prefetch_factor", "backbones", "train.dist_timeout_s"})
 
 _COMPILE_PREFIX = "_orig_mod."  # what torch.compile's OptimizedModule puts before every key
 
@@ -169,17 +169,32 @@ def is_resumable(ckpt: dict[str, Any]) -> bool:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key old -> new`` for every config key that differs, harmless keys left out."""
+    """``key old -> new`` for every config key that differs, harmless keys left out. A key the saved
+    config lacks (added by a later foldkit, e.g. ``train.sync_bn``) counts as its code default, so a
+    new setting left at its default does not make finished folds look stale."""
+    defaults = flatten(to_dict(RunConfig(pretrained=False)))
     old, new = flatten(saved), flatten(current)
+    old |= {k: defaults[k] for k in new.keys() - old.keys() if k in defaults}
     keys = sorted((set(old) | set(new)) - HARMLESS_KEYS)
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def check_compatible(
-    ckpt: dict[str, Any], config: dict[str, Any], folds_hash: str, backbone: str, fold: int, path: Path
+    ckpt: dict[str, Any],
+    config: dict[str, Any],
+    folds_hash: str,
+    backbone: str,
+    fold: int,
+    path: Path,
+    world_size: int = 1,
 ) -> None:
-    """Refuse to continue a run made with other settings or folds: the result would belong to neither."""
+    """Refuse to continue a run made with other settings or folds: the result would belong to neither.
+    The number of DDP processes counts as a setting: it decides the batches of every step and the
+    length of the schedule."""
     changes = config_changes(ckpt.get("config", {}), config)
+    if ckpt.get("world_size", 1) != world_size:
+        old = ckpt.get("world_size", 1)
+        changes.append(f"processes (torchrun --nproc_per_node x nodes) {old} -> {world_size}")
     if ckpt.get("folds_hash") != folds_hash:
         changes.append(f"folds hash {str(ckpt.get('folds_hash'))[:12]} -> {folds_hash[:12]}")
     if (ckpt.get("backbone"), ckpt.get("fold")) != (backbone, fold):

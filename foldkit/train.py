@@ -7,8 +7,10 @@ through ``foldkit.predict``, the same path test inference uses.
 
 Crash-safe: ``last.pt`` is rewritten (atomically) after every epoch and, with ``save_every``, every N
 batches; a re-run continues from it and ends with the OOF an uninterrupted run would have written
-(what it holds and the checks before reuse: ``foldkit.resume``). A finished fold is skipped. Room is
-left for torchrun DDP (the loaders are built in one place, ``_loaders``).
+(what it holds and the checks before reuse: ``foldkit.resume``). A finished fold is skipped.
+
+Under torchrun the same loop runs in every process with DistributedDataParallel: the loaders shard by
+rank, predictions are gathered by image index, and only rank 0 writes (``foldkit.distributed``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import signal
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from foldkit import __version__
+from foldkit import __version__, distributed
 from foldkit.augment import train_transform
 from foldkit.blend import best_threshold
 from foldkit.config import RunConfig, save_config, to_dict
@@ -186,8 +189,9 @@ def _loaders(
         images.source(train_df.path.tolist()), train_df.label, train_transform(cfg.augment, seed)
     )
     train_dl = make_loader(
-        train_ds, cfg.train.batch_size, True, dc.workers, seed, pin, True, dc.prefetch_factor
-    )
+        train_ds, cfg.train.batch_size, True, dc.workers, seed, pin, True, dc.prefetch_factor,
+        distributed.shard(),
+    )  # fmt: skip
     # Each new iterator draws its workers' base seed from this generator, not the global torch RNG:
     # dropout's random stream then does not depend on when the iterator was made, so a run resumed
     # mid-epoch (a fresh iterator) continues the exact stream of the run it replaces. The batches
@@ -218,6 +222,12 @@ class _Trainer:
     step: int = 0
     label: str = ""  # "<backbone> fold <k>", for error messages
     kill_at: int | None = None  # test hook (_KILL_ENV)
+    ddp: nn.Module | None = None  # ``model`` inside DistributedDataParallel under torchrun
+
+    @property
+    def net(self) -> nn.Module:
+        """The module a training step runs: the DDP wrapper (it averages the gradients) or ``model``."""
+        return self.ddp if self.ddp is not None else self.model
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -239,9 +249,10 @@ class _Trainer:
         progress: Progress,
         save: Callable[[Progress], None] | None = None,
         save_every: int | None = None,
-    ) -> tuple[float, float]:
+    ) -> tuple[float, float, int]:
         """Train epoch ``progress.epoch`` from batch ``progress.batch`` on; returns (mean loss of the
-        whole epoch, images per second of this pass).
+        whole epoch, images per second of this pass, images trained on in the whole epoch), each over
+        all ranks under DDP (the saved ``progress.loss_sum``/``seen`` are such sums: rank 0 carries them).
 
         The running loss stays on the device and is read back (and checked for NaN/inf) only every
         ``_SYNC_EVERY`` batches and at the end: a per-step ``.item()`` would stall the GPU queue. With
@@ -254,54 +265,68 @@ class _Trainer:
         self.model.train()
         loader.batch_sampler.set_epoch(epoch, first)
         n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
-        total = torch.tensor(progress.loss_sum, dtype=torch.float32, device=self.device)
-        seen, fresh, good, start = progress.seen, 0, self.step, time.perf_counter()
+        carried = distributed.is_main()
+        total = torch.tensor(progress.loss_sum if carried else 0.0, dtype=torch.float32, device=self.device)
+        seen, fresh, good, start = progress.seen if carried else 0, 0, self.step, time.perf_counter()
         next_save = (first // save_every + 1) * save_every if save and save_every else None
         bar = tqdm(
-            loader, total=n_batches, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True
-        )
+            loader, total=n_batches, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+            disable=not carried,
+        )  # fmt: skip
         for i, (images, labels, _) in enumerate(bar, start=first):
             if i >= n_batches:
                 break
             # host-bound on a fast GPU: every kernel launch counts, so no-op arithmetic is skipped
             targets = labels * (1 - ls) + 0.5 * ls if ls else labels
-            with autocast(self.device, self.dtype):
-                loss = self.criterion(self.model(images).float().reshape(-1), targets)
-            self.scaler.scale(loss / tc.accum_steps if tc.accum_steps > 1 else loss).backward()
             stepped = (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches
+            # DDP: average the gradients once per optimizer step, not on every accumulated batch
+            with self.ddp.no_sync() if self.ddp is not None and not stepped else nullcontext():
+                with autocast(self.device, self.dtype):
+                    loss = self.criterion(self.net(images).float().reshape(-1), targets)
+                self.scaler.scale(loss / tc.accum_steps if tc.accum_steps > 1 else loss).backward()
             if stepped:
                 self._optimizer_step()
             total += loss.detach() * len(images)
             seen, fresh = seen + len(images), fresh + len(images)
             if (i + 1) % _SYNC_EVERY == 0 or i + 1 == n_batches:
-                loss_sum, good = self._checked_sum(total, epoch, good), self.step
+                (loss_sum, seen_all), good = self._checked_sums(total, seen, epoch, good), self.step
                 bar.set_postfix(
-                    loss=f"{loss_sum / seen:.4f}",
+                    loss=f"{loss_sum / max(1, seen_all):.4f}",
                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                    img_s=f"{fresh / max(1e-9, time.perf_counter() - start):.0f}",
+                    img_s=f"{fresh * distributed.world_size() / max(1e-9, time.perf_counter() - start):.0f}",
                 )
             if next_save is not None and stepped and next_save <= i + 1 < n_batches:
-                loss_sum, good = self._checked_sum(total, epoch, good), self.step
+                (loss_sum, seen_all), good = self._checked_sums(total, seen, epoch, good), self.step
                 self.check_weights(epoch)
-                save(replace(progress, batch=i + 1, loss_sum=loss_sum, seen=seen))
+                save(replace(progress, batch=i + 1, loss_sum=loss_sum, seen=seen_all))
                 next_save = ((i + 1) // save_every + 1) * save_every
             if stepped and self.step == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        mean_loss = total.item() / max(1, seen)  # syncs, so the rate below counts finished work
+        loss_sum, seen_all = self._sums(total, seen)  # syncs, so the rate below counts finished work
         self.check_weights(epoch)
-        return mean_loss, fresh / max(1e-9, time.perf_counter() - start)
+        fresh_all = self._sums(torch.zeros(()), fresh)[1]
+        return loss_sum / max(1, seen_all), fresh_all / max(1e-9, time.perf_counter() - start), seen_all
 
-    def _checked_sum(self, total: torch.Tensor, epoch: int, good: int) -> float:
-        """Read the running loss sum back (a host sync); stop the fold on NaN/inf. The sum carries a
-        NaN on, so the bad step lies after ``good``, the step of the last finite read."""
-        value = float(total.item())
+    def _sums(self, total: torch.Tensor, seen: int) -> tuple[float, int]:
+        """(loss sum, images) so far, summed over the ranks under DDP; reading them syncs."""
+        if distributed.world_size() == 1:
+            return float(total.item()), seen
+        both = torch.stack([total.to(self.device, torch.float64), torch.tensor(float(seen)).to(self.device)])
+        both = distributed.all_sum(both.to(torch.float64)).cpu()
+        return float(both[0]), int(both[1])
+
+    def _checked_sums(self, total: torch.Tensor, seen: int, epoch: int, good: int) -> tuple[float, int]:
+        """Read the running loss sum back (a host sync; under DDP summed over the ranks, so all of them
+        stop together); stop the fold on NaN/inf. The sum carries a NaN on, so the bad step lies after
+        ``good``, the step of the last finite read."""
+        value, seen_all = self._sums(total, seen)
         if not math.isfinite(value):
             raise FoldkitError(
                 f"{self.label}: the training loss became {value} in epoch {epoch}, between optimizer "
                 f"steps {good + 1} and {self.step}. Training stopped; the checkpoints saved before "
                 "are kept as they were. Try a lower train.lr, train.grad_clip, or --set train.amp=bf16."
             )
-        return value
+        return value, seen_all
 
     def check_weights(self, epoch: int) -> None:
         """Refuse to go on (and so to save) with NaN/inf weights: a finite loss can still be followed
@@ -365,7 +390,8 @@ def _make_trainer(
     dtype = amp_dtype(cfg, device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    kill_at = int(os.environ[_KILL_ENV]) if os.environ.get(_KILL_ENV) else None
+    # under DDP only rank 0 dies (after its save at that step); torchrun then stops the others
+    kill_at = int(os.environ[_KILL_ENV]) if os.environ.get(_KILL_ENV) and distributed.is_main() else None
     return _Trainer(
         cfg, model, device, dtype, criterion, optimizer, scheduler, ema, scaler, 0, label, kill_at
     )
@@ -414,7 +440,7 @@ def warm_up(trainer: _Trainer, steps: int = 2) -> float:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for _ in range(steps):
             with autocast(device, trainer.dtype):
-                loss = trainer.criterion(model(x).float().reshape(-1), y)
+                loss = trainer.criterion(trainer.net(x).float().reshape(-1), y)
             trainer.scaler.scale(loss).backward()
             trainer._apply_gradients()
             if trainer.ema is not None:
@@ -426,17 +452,24 @@ def warm_up(trainer: _Trainer, steps: int = 2) -> float:
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically; only rank 0 writes under DDP (the others hold the same state)."""
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def _save_last(trainer: _Trainer, path: Path, payload: dict[str, Any], progress: Progress) -> None:
     """``last.pt``: the eval weights (usable like best.pt) plus everything a resume needs."""
+    if not distributed.is_main():
+        return
     state = {**payload, "model": module_state(trainer.eval_model()), **trainer_state(trainer, progress)}
     _save_checkpoint(path, state)
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not distributed.is_main():
+        return
     atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
 
 
@@ -512,20 +545,23 @@ def fit_fold(
         if resume and done is None and not force
         else None
     )
-    # A retrain makes the old OOF of this fold stale the moment a new best.pt appears: remove it
-    # first, so an interrupted run leaves a missing fold (named by ensemble.py), never a wrong one.
-    paths.oof_csv.unlink(missing_ok=True)
-    paths.oof_meta.unlink(missing_ok=True)
-    if ckpt is None:  # a run started over must not be resumed as the one it replaces
-        (paths.model_dir / "last.pt").unlink(missing_ok=True)
-    handler = _attach_log(paths.model_dir)
+    distributed.barrier()  # every rank has read the old files before rank 0 removes or rewrites them
+    if distributed.is_main():
+        # A retrain makes the old OOF of this fold stale the moment a new best.pt appears: remove it
+        # first, so an interrupted run leaves a missing fold (named by ensemble.py), never a wrong one.
+        paths.oof_csv.unlink(missing_ok=True)
+        paths.oof_meta.unlink(missing_ok=True)
+        if ckpt is None:  # a run started over must not be resumed as the one it replaces
+            (paths.model_dir / "last.pt").unlink(missing_ok=True)
+    handler = _attach_log(paths.model_dir) if distributed.is_main() else None
     try:
         best_epoch, best_score = _train_fold(
             cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, ckpt, save_every, images
         )
     finally:
-        logging.getLogger("foldkit").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("foldkit").removeHandler(handler)
+            handler.close()
     return _summary(backbone, fold, best_epoch, best_score, paths)
 
 
@@ -555,7 +591,7 @@ def _resumable(
     if not is_resumable(ckpt):
         log.warning("%s holds no resume state (an older foldkit wrote it): training from scratch", last)
         return None
-    check_compatible(ckpt, config, folds_hash, backbone, fold, last)
+    check_compatible(ckpt, config, folds_hash, backbone, fold, last, distributed.world_size())
     return ckpt
 
 
@@ -576,8 +612,10 @@ def _train_fold(
     OOF; returns (best epoch, best score)."""
     seed = run_seed(cfg.seed, backbone, fold)
     seed_everything(seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
-    save_config(cfg, paths.model_dir / "config.yaml")
+    ctx = distributed.current()
+    device = ctx.device if ctx is not None else resolve_device(cfg.device)
+    if distributed.is_main():
+        save_config(cfg, paths.model_dir / "config.yaml")
     train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
     if images is None:  # main.py opens them once, before the folds; direct callers get them here
         images = open_trainval_images(cfg, data_dir, work_dir)
@@ -591,6 +629,10 @@ def _train_fold(
     pos_weight = _pos_weight(cfg, train_df.label.to_numpy())
     trainer = _make_trainer(cfg, model, device, steps, pos_weight, label)
     progress = Progress() if ckpt is None else restore_trainer(trainer, ckpt)
+    trainer.ddp = distributed.wrap_model(trainer.model, cfg.train.sync_bn)
+    if trainer.ddp is not None:
+        trainer.model = trainer.ddp.module  # SyncBatchNorm may have replaced a root module
+        _log_ddp(cfg, label, len(train_df), steps)
     log.info(
         "%s: %d train / %d val images, %d params, device %s, amp %s, run seed %d (base seed %d)",
         label, len(train_df), len(val_df), count_params(model), device, trainer.dtype, seed, cfg.seed,
@@ -617,6 +659,7 @@ def _train_fold(
         "store_size": list(images.size),
         "foldkit_version": __version__,
         "run_seed": seed,
+        "world_size": distributed.world_size(),
     }
     try:
         if device.type == "cuda":
@@ -626,10 +669,23 @@ def _train_fold(
         if ckpt is not None:  # last: after every set-up step that draws random numbers
             set_rng_state(ckpt["rng"])
         best_epoch, best_score = _epochs(trainer, train_dl, val_dl, val_df, paths, base, progress, save_every)
+        distributed.barrier()  # rank 0 has written best.pt, which every rank predicts the OOF with
         write_oof(cfg, paths, val_df, images, folds_hash, device, trainer.dtype)
     except torch.OutOfMemoryError:
         raise FoldkitError(_oom_message(cfg, label)) from None
     return best_epoch, best_score
+
+
+def _log_ddp(cfg: RunConfig, label: str, n_train: int, steps: int) -> None:
+    """Say how a DDP run splits the work, and that the learning rate is the config's as it is."""
+    tc, world = cfg.train, distributed.world_size()
+    log.info(
+        "%s: DDP over %d processes: batch %d per process, global batch %d x accum_steps %d = %d images "
+        "per optimizer step, %d steps per epoch over %d training images; lr %g as configured (not "
+        "scaled with the global batch), sync_bn %s",
+        label, world, tc.batch_size, tc.batch_size * world, tc.accum_steps,
+        tc.batch_size * world * tc.accum_steps, math.ceil(steps / tc.accum_steps), n_train, tc.lr, tc.sync_bn,
+    )  # fmt: skip
 
 
 def _drop_bad(
@@ -689,15 +745,17 @@ def _epochs(
 
     while progress.epoch <= cfg.train.epochs and not _patience_spent(cfg, progress):
         epoch = progress.epoch
-        train_loss, rate = trainer.train_epoch(train_dl, progress, save_partial, save_every)
+        train_loss, rate, train_images = trainer.train_epoch(train_dl, progress, save_partial, save_every)
+        distributed.broadcast_state(trainer.eval_model())  # every rank predicts with rank 0's weights
         probs = predict_probs(
             trainer.eval_model(), val_dl, trainer.device, (), trainer.dtype, desc="validate"
         )
         m = epoch_metrics(y_val, probs)
         lr, ema_decay = trainer.optimizer.param_groups[0]["lr"], trainer.ema_decay()
         progress.history.append(
-            {"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "ema_decay": ema_decay, "img_s": rate}
-        )
+            {"epoch": epoch, "train_loss": train_loss, **m, "lr": lr, "ema_decay": ema_decay, "img_s": rate,
+             "world_size": distributed.world_size(), "train_images": train_images}
+        )  # fmt: skip
         _write_history(paths.model_dir / "history.csv", progress.history)
         _log_epoch(base, epoch, cfg.train.epochs, train_loss, m, rate, ema_decay)
         score = _score(m, cfg.train.metric)
@@ -768,6 +826,8 @@ def write_oof(
         source=images.source(val_df.path.tolist()),
     )
     threshold, f1 = best_threshold(val_df.label.to_numpy().astype(int), probs)
+    if not distributed.is_main():  # every rank predicted its shard; rank 0 writes the gathered whole
+        return paths.oof_csv
     ckpt.update(threshold=float(threshold), threshold_tta=list(cfg.tta), oof_f1=float(f1))
     _save_checkpoint(best, ckpt)
     oof = pd.DataFrame(

@@ -339,3 +339,18 @@ def test_interrupted_accumulating_run_resumes_at_an_accumulation_boundary(
     armed[0] = False
     assert train_tiny(tiny_data, tmp_path / "b", *args) == 0
     _assert_same_run(tmp_path / "b", tmp_path / "a")
+
+
+def test_a_key_added_later_counts_as_its_default_and_the_process_count_must_match(tmp_path: Path) -> None:
+    from foldkit.config import RunConfig, to_dict
+
+    current = to_dict(RunConfig(pretrained=False))
+    saved = to_dict(RunConfig(pretrained=False))
+    del saved["train"]["sync_bn"]  # a checkpoint from before the key existed
+    assert config_changes(saved, current) == []
+    saved["train"]["sync_bn"] = True
+    assert config_changes(saved, current) == ["train.sync_bn True -> False"]
+    ckpt = {"config": current, "folds_hash": "h", "backbone": "b", "fold": 0, "world_size": 2}
+    check_compatible(ckpt, current, "h", "b", 0, tmp_path / "last.pt", world_size=2)
+    with pytest.raises(FoldkitError, match=r"--nproc_per_node x nodes\) 2 -> 1"):
+        check_compatible(ckpt, current, "h", "b", 0, tmp_path / "last.pt")
