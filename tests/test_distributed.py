@@ -193,7 +193,8 @@ def test_devices_trains_folds_at_once_leaving_the_sequential_artifacts(
     for k in (0, 1):
         assert f"[cpu] test_efficientnet fold {k}: done in" in err
         assert f"[cpu] test_efficientnet fold {k} epoch 1/1: train_loss" in err  # its progress line
-        assert (tmp_path / f"logs/demo/test_efficientnet-fold{k}.log").is_file()
+        job_log = (tmp_path / f"logs/demo/test_efficientnet-fold{k}.log").read_text()
+        assert "--workers" not in job_log.splitlines()[0]  # the config's own workers (0) are kept
     (a0, b0), (a1, b1) = (
         _log_span(tmp_path / f"models/demo/test_efficientnet/fold{k}/train.log") for k in (0, 1)
     )
@@ -242,6 +243,8 @@ def test_job_arguments_repeat_the_command_but_fold_model_and_devices() -> None:
         if key not in ("devices", "fold", "refold"):
             assert getattr(again, key) == value, key
     assert again.resume is False and again.refold is False and again.devices is None
+    # data.workers null ("one per core") is split between the jobs that run at once
+    assert main.jobs_workers(2) == max(1, (os.cpu_count() or 1) // 2) and main.jobs_workers(10_000) == 1
 
 
 def test_devices_refuses_device_and_bad_names(tiny_data: Path, tmp_path: Path, capsys) -> None:
