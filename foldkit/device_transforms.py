@@ -42,27 +42,36 @@ class DeviceTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected a uint8 (B, H, W, 3) batch, got {images.dtype} {tuple(images.shape)}")
-        b, h, w, _ = images.shape
+        h, w = images.shape[1:3]
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         size = (self.size, self.size)
         # Normalising is affine per channel and both resizes average with weights summing to one, so
         # the order does not change the result: normalise at whichever size has fewer pixels.
         if self.size * self.size < h * w:  # shrinking: average the covered pixels, no aliasing
-            x = torch.empty((b, 3, h, w), dtype=torch.float32, device=images.device, memory_format=fmt)
-            x.copy_(images.permute(0, 3, 1, 2))  # one pass: layout change and float conversion together
-            x = area_resize(x, size)
+            x = area_resize(self._to_float(images, fmt), size)
             return x.sub_(self.mean).mul_(self.scale).contiguous(memory_format=fmt)
-        x = self._normalise_nhwc(images)
+        if self.channels_last:
+            x = self._normalise_nhwc(images)
+        else:  # NCHW wanted: convert first (normalising NHWC rows, then reordering, measured slower)
+            x = self._to_float(images, fmt).sub_(self.mean).mul_(self.scale)
         if (h, w) != size:  # enlarging: area would only replicate pixels
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def _to_float(images: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        """float32 NCHW in ``fmt``: one pass does the layout change and the conversion together."""
+        b, h, w, _ = images.shape
+        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=images.device, memory_format=fmt)
+        return x.copy_(images.permute(0, 3, 1, 2))
 
     def _normalise_nhwc(self, images: torch.Tensor) -> torch.Tensor:
         """Float conversion and normalisation in the batch's own NHWC layout; returns the NCHW view,
         channels_last in memory. Each image row is W*3 interleaved values, so the per-channel mean
         and scale are tiled along the row: a plain row-vector broadcast, which the CPU vectorises
-        (measured 24 ms against 49 ms per 256 images at 112 px for a (1, 3, 1, 1) broadcast over a
-        channels_last tensor). The same (x - mean) * scale, so the same values on every device."""
+        (measured on 256 images at 112 px: 12 ms against 21 ms for a (1, 3, 1, 1) broadcast over a
+        channels_last tensor; at 224 px 116 against 124 ms). The same (x - mean) * scale, so the same
+        values on every device."""
         b, h, w, _ = images.shape
         if w not in self._rows:
             self._rows[w] = (self.mean.reshape(-1).repeat(w), self.scale.reshape(-1).repeat(w))
