@@ -203,8 +203,8 @@ def train(args: argparse.Namespace) -> int:
             r["backbone"],
             r["fold"],
             r["best_epoch"],
-            cfg.train.metric,
-            r["score"],
+            "val_loss" if cfg.train.metric == "loss" else cfg.train.metric,
+            -r["score"] if cfg.train.metric == "loss" else r["score"],  # scores are higher-is-better
             r["oof"],
             " (finished before: skipped)" if r.get("skipped") else "",
         )

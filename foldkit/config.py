@@ -97,7 +97,8 @@ class TrainConfig:
     pos_weight: float | str | None = None  # BCE pos_weight; null: 1.0; 'balanced': n_real/n_fake
     drop_rate: float | None = None  # head dropout, passed to timm when set
     drop_path_rate: float | None = None  # stochastic depth, passed to timm when set
-    metric: str = "f1"  # model selection and early stopping: f1 (best-threshold F1), auc, loss
+    metric: str = "loss"  # model selection and early stopping: loss (validation log-loss; measured
+    # best, docs/benchmarks.md), auc, f1 (best-threshold F1: the noisiest, and it flatters the OOF)
     patience: int | None = None  # epochs without improvement before stopping; null: never
     max_train_batches: int | None = None  # cap batches per epoch (smoke tests only)
     # Under torchrun (DDP) batch_size is per process: the global batch is batch_size x processes x

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Largest gap between the OOF's and the submission's predicted fake rates that passes without a warning.
+RATE_GAP = 0.02
+
 
 def predict_checkpoint(*args: Any, **kwargs: Any) -> np.ndarray:
     """``foldkit.predict.predict_checkpoint``, imported on first use (a module attribute, so tests can
@@ -60,6 +63,11 @@ class Options:
     batch: int = 256
     workers: int | None = None  # DataLoader workers for inference; None: one per CPU core
     prediction_file: Path | None = None
+    calibration: str = "platt"  # per fold model on its own OOF before averaging (foldkit.calibrate)
+    threshold_fit: str = "pooled"  # pooled: the OOF threshold as is; rate: the test threshold predicts
+    # the OOF fake rate; foldmean: fitted on fold-mean-like OOF (foldkit.calibrate; docs/benchmarks.md)
+    noise_z: float | None = None  # a more complex candidate must win by this many standard errors of
+    # its paired per-fold gain; None: foldkit.select.NOISE_Z
     stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
 
     @property
@@ -76,6 +84,10 @@ class Fitted:
     threshold: float
     tta: list[str]
     report: dict[str, Any]
+    calibration: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # fold -> per model
+    threshold_fit: str = "pooled"
+    oof_positive_rate: float = 0.0
+    blended: np.ndarray | None = None  # the chosen blend of the (calibrated) OOF
 
 
 def _fold_files(work_dir: Path, exp: str, suffix: str) -> list[Path]:
@@ -312,12 +324,40 @@ def _repredict_oof(opts: Options, oof: OOFSet, tta: list[str]) -> None:
             oof.P[rows, j] = cached_probs(opts, m, fold, df, images_key, tta, cache, oof.folds_df, "trainval")
 
 
+def _choose(
+    opts: Options, P: np.ndarray, y: np.ndarray, folds: np.ndarray, keys: list[str]
+) -> dict[str, Any]:
+    """Candidates, nested-CV table, the chosen candidate and the outer-loop estimate (foldkit.select).
+
+    ``--blend auto`` chooses among every single model, the blend methods and Caruana selection;
+    a named ``--blend`` is the only candidate, and the single models are still scored for the report.
+    """
+    from foldkit.select import Candidate, best_single, candidates, choose, nested_scores, outer_loop
+
+    fit_kw = {"objective": opts.objective, "solver": opts.solver}
+    mode = "rate" if opts.threshold_fit == "rate" else "pooled"  # foldmean needs the test predictions
+    cands = candidates(keys) if opts.blend == "auto" else [Candidate(opts.blend, opts.blend)]
+    chosen, table = choose(P, y, folds, cands, mode, opts.noise_z, **fit_kw)
+    for single in candidates(keys)[: len(keys)]:
+        if single.name not in table:
+            table[single.name] = nested_scores(P, y, folds, single, mode, **fit_kw)
+    outer = outer_loop(P, y, folds, cands, mode, opts.noise_z, **fit_kw)
+    single = best_single(table)
+    if outer is not None:
+        outer = {**outer, "chosen": chosen.name, "best_single": single}
+    estimate = outer["mean"] if outer is not None else table[chosen.name]["mean"]
+    return {"chosen": chosen, "nested": table, "outer": outer, "estimate": estimate, "best_single": single}
+
+
 def fit(opts: Options) -> Fitted:
-    """Load and check OOF, choose and fit the blend, tune the threshold, write the report."""
+    """Load and check OOF, calibrate, choose and fit the ensemble, tune the threshold, estimate it with
+    the outer loop, write the report."""
     check_trained(opts)
-    from foldkit.blend import METHODS, best_threshold, choose_blend, fit_blend, nested_threshold_f1
+    from foldkit.blend import best_threshold, nested_threshold_f1
+    from foldkit.calibrate import calibrate_oof, positive_rate
     from foldkit.oof import load_oof
     from foldkit.report import summary_table, write_report
+    from foldkit.select import fit_candidate
 
     try:
         oof = load_oof(opts.work_dir, opts.exps, opts.allow_partial)
@@ -328,30 +368,39 @@ def fit(opts: Options) -> Fitted:
     if tta != made_with:
         log.info("OOF files were made with TTA %s; re-predicting them with %s", made_with, tta)
         _repredict_oof(opts, oof, tta)
-    methods = METHODS if opts.blend == "auto" else (opts.blend,)
-    fit_kw = {"objective": opts.objective, "solver": opts.solver}
-    chosen, nested = choose_blend(oof.P, oof.y, oof.folds, methods=methods, **fit_kw)
-    blend = fit_blend(oof.P, oof.y, chosen, **fit_kw)
-    blended = blend.apply(oof.P)
-    threshold, in_sample = best_threshold(oof.y, blended)
     keys = [m.key for m in oof.models]
+    P, calibration = calibrate_oof(oof.P, oof.y, oof.folds, opts.calibration)
+    choice = _choose(opts, P, oof.y, oof.folds, keys)
+    fit_kw = {"objective": opts.objective, "solver": opts.solver}
+    blend = fit_candidate(P, oof.y, choice["chosen"], **fit_kw)
+    blended = blend.apply(P)
+    threshold, in_sample = best_threshold(oof.y, blended)
+    oof_rate = positive_rate(blended, threshold)
     info = {
-        "method": chosen,
+        "method": choice["chosen"].name,
         "weights": dict(zip(keys, map(float, blend.weights), strict=True)),
-        "nested": nested,
+        "nested": choice["nested"],
         "in_sample_f1": float(in_sample),
         "honest": nested_threshold_f1(oof.y, blended, oof.folds),
+        "estimate": choice["estimate"],
+        "outer": choice["outer"],
+        "best_single": choice["best_single"],
+        "oof_positive_rate": oof_rate,
+        "calibration": opts.calibration,
+        "threshold_fit": opts.threshold_fit,
         "left_out": oof.left_out,
         "tta": tta,
         "folds_hash": oof.folds_hash,
         "weighted_fit": fit_kw,
     }
-    model_probs = {key: oof.P[:, j] for j, key in enumerate(keys)}
+    model_probs = {key: P[:, j] for j, key in enumerate(keys)}
     out_dir = opts.work_dir / "oof" / opts.name
     report = write_report(out_dir, oof.y, oof.folds, model_probs, blended, info, float(threshold), opts.name)
     print(summary_table(report))
     print(f"report: {out_dir / 'report.md'}")
-    return Fitted(oof, blend, float(threshold), tta, report)
+    return Fitted(
+        oof, blend, float(threshold), tta, report, calibration, opts.threshold_fit, oof_rate, blended
+    )
 
 
 def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, labels: np.ndarray) -> None:
@@ -380,8 +429,8 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     images_key = _images_key(opts.data_dir, test_df)
     # every model's OOF shares one TTA (checked in fit); other TTA predictions get their own cache
     suffix = "" if fitted.tta == _oof_tta(fitted.oof.models) else f".tta-{_tag(fitted.tta)}"
-    columns = []
-    for m in fitted.oof.models:
+    columns, folds_cal = [], []
+    for j, m in enumerate(fitted.oof.models):
         per_fold = [
             cached_probs(
                 opts,
@@ -396,11 +445,15 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
             )
             for fold in range(fitted.oof.k)
         ]
-        columns.append(np.mean(per_fold, axis=0))
+        folds_cal.append(_calibrated(fitted, j, per_fold))
+        columns.append(np.mean(folds_cal[-1], axis=0))
     T = np.column_stack(columns)
     probs = fitted.blend.apply(T)
-    labels = (probs >= fitted.threshold).astype(int)
+    threshold, extra = _test_threshold(fitted, probs, folds_cal)
+    labels = (probs >= threshold).astype(int)
     _fallback_for_bad(opts, test_df, probs, labels)
+    out = opts.work_dir / "oof" / opts.name
+    fitted.report = record_test_rate(out, float(labels.mean()), threshold, extra)
     out_dir = opts.work_dir / "submissions" / opts.name
     names, expected = test_df.name.tolist(), label_file_names(opts.data_dir)
     pred = write_submission(out_dir / "prediction.txt", names, labels, expected)
@@ -411,6 +464,73 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     if opts.prediction_file is not None:
         write_submission(opts.prediction_file, names, labels, expected)
         print(f"copy: {opts.prediction_file}")
-    summary = f"{len(labels)} rows, {labels.mean():.1%} fake, threshold {fitted.threshold:.4f}"
-    print(f"submission: {pred} ({summary}, blend {fitted.blend.method})")
+    summary = f"{len(labels)} rows, {labels.mean():.1%} fake, threshold {threshold:.4f}"
+    print(f"submission: {pred} ({summary}, {fitted.report['summary']['method']})")
     return pred
+
+
+def _test_threshold(
+    fitted: Fitted, probs: np.ndarray, folds_cal: list[list[np.ndarray]]
+) -> tuple[float, dict[str, Any]]:
+    """The threshold applied to the submission, and what the report learns from the test predictions.
+
+    The chosen blend of each fold's models gives K scores per test image; their spread shapes
+    fold-mean-like OOF scores (``foldkit.calibrate.fold_mean_oof``), and the estimate moves by the
+    nested-CV gain those show over the single-model OOF (the outer loop cannot see it: each OOF row
+    has one model). Threshold: ``rate`` predicts the OOF fake rate; ``foldmean`` is fitted on the
+    fold-mean-like OOF; ``pooled`` is the OOF threshold as is.
+    """
+    from foldkit.blend import best_threshold
+    from foldkit.calibrate import fold_mean_oof, positive_rate, rate_threshold
+    from foldkit.select import Candidate, nested_scores
+
+    threshold, extra = fitted.threshold, {}
+    if fitted.threshold_fit == "rate":
+        threshold = rate_threshold(probs, fitted.oof_positive_rate)
+    if fitted.blended is None or len(folds_cal[0]) < 2:
+        return threshold, extra
+    k, y, folds = len(folds_cal[0]), fitted.oof.y, fitted.oof.folds
+    per_fold = np.stack([fitted.blend.apply(np.column_stack([c[f] for c in folds_cal])) for f in range(k)])
+    shaped, spread = fold_mean_oof(fitted.blended, y, per_fold)
+    mode, one = ("rate" if fitted.threshold_fit == "rate" else "pooled"), Candidate("score", "single", 0)
+    gain = (
+        nested_scores(shaped[:, None], y, folds, one, mode)["mean"]
+        - nested_scores(fitted.blended[:, None], y, folds, one, mode)["mean"]
+    )
+    single = fitted.report["summary"].get("estimate_single_fold", fitted.report["summary"]["estimate"])
+    extra = {"estimate": single + gain, "estimate_single_fold": single, "fold_mean_gain": gain}
+    extra["fold_disagreement"] = spread
+    if fitted.threshold_fit == "foldmean":
+        threshold, _ = best_threshold(y, shaped)
+        extra["oof_positive_rate"] = positive_rate(shaped, threshold)
+    return float(threshold), extra
+
+
+def _calibrated(fitted: Fitted, column: int, per_fold: list[np.ndarray]) -> list[np.ndarray]:
+    """Each fold model's test probabilities through the Platt map fitted on its own OOF rows."""
+    from foldkit.calibrate import IDENTITY, apply_platt
+
+    return [
+        apply_platt(p, fitted.calibration.get(fold, [IDENTITY] * (column + 1))[column])
+        for fold, p in enumerate(per_fold)
+    ]
+
+
+def record_test_rate(
+    out_dir: Path, test_rate: float, threshold: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Add the submission's predicted fake rate (and the threshold it used) to the report; warn when it
+    is more than ``RATE_GAP`` from the OOF's at its threshold: then the threshold does not sit where
+    the submission's probabilities live (or the test's fake ratio differs from the training one)."""
+    from foldkit.report import add_test_rate
+
+    report = add_test_rate(out_dir, test_rate, threshold, extra)
+    oof_rate = report["summary"].get("oof_positive_rate")
+    if oof_rate is not None and abs(test_rate - oof_rate) > RATE_GAP:
+        log.warning(
+            "the submission predicts %.1f%% fake, the OOF %.1f%% at its threshold (more than %.0f points "
+            "apart): the threshold may be misplaced on the fold-averaged test probabilities, or the test "
+            "fake ratio differs; see %s",
+            100 * test_rate, 100 * oof_rate, 100 * RATE_GAP, out_dir / "report.md",
+        )  # fmt: skip
+    return report

@@ -194,8 +194,22 @@ def write_report(
         "fake_ratio": float(y.mean()),
         "folds": [int(f) for f in np.unique(folds)],
         "summary": {
-            k: blend[k]
-            for k in ("method", "threshold", "in_sample_f1", "nested_cv_f1", "honest_threshold_f1", "f1_05")
+            **{
+                k: blend[k]
+                for k in (
+                    "method",
+                    "threshold",
+                    "in_sample_f1",
+                    "nested_cv_f1",
+                    "honest_threshold_f1",
+                    "f1_05",
+                )
+            },
+            # issue 10: the outer-loop estimate, the best single model beside it, the predicted fake rates
+            "estimate": blend.get("estimate", blend["nested_cv_f1"]),
+            "best_single": blend.get("best_single"),
+            "oof_positive_rate": blend.get("oof_positive_rate"),
+            "test_positive_rate": None,  # filled in by ensemble.py --mode test (add_test_rate)
         },
         "models": model_table(y, folds, probs),
         "blend": blend,
@@ -239,15 +253,66 @@ def _md_summary(report: dict[str, Any]) -> list[str]:
         f"- **Nested-CV F1** (blend and threshold refitted without each fold): {_fmt(s['nested_cv_f1'])}",
         f"- Threshold-only nested F1 of this blend: {_fmt(s['honest_threshold_f1'])}",
         f"- Blend F1 at 0.5: {_fmt(s['f1_05'])}; AUC {_fmt(b['overall']['auc'])}",
+        *_md_estimate(s, b),
         f"- Rows: {report['n']}, fake ratio {_fmt(report['fake_ratio'])}, folds {len(report['folds'])}",
     ]
     if b["left_out"]:
         lines.append(f"- Left out (incomplete OOF): {', '.join(b['left_out'])}")
     lines.append(
         "- Note: each fold's best epoch was chosen on that fold's own holdout, so OOF scores lean "
-        "slightly optimistic; the nested-CV F1 is the fairer guide to the leaderboard."
+        "slightly optimistic; the estimate (outer loop) is the fairer guide to the leaderboard."
     )
     return [*lines, ""]
+
+
+def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The estimate, the best single model next to it, and the two predicted fake rates."""
+    single = s.get("best_single") or {}
+    if s.get("estimate_single_fold") is not None:  # after --mode test with the foldmean threshold
+        lines = [
+            f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])} = outer loop "
+            f"{_fmt(s['estimate_single_fold'])} + fold-average gain {s['fold_mean_gain']:+.4f} (the "
+            "fold models' disagreement on the test images, removed by averaging them)",
+        ]
+    else:
+        lines = [
+            f"- **Estimate** (outer loop: the whole choice made without each fold, scored on it): "
+            f"{_fmt(s.get('estimate'))}",
+        ]
+    if single:
+        lines.append(f"- Best single model: `{single['name']}`, nested-CV F1 {_fmt(single['mean'])}")
+    if b.get("test_threshold") is not None:
+        lines.append(f"- Threshold applied to the submission: {_fmt(b['test_threshold'])}")
+    rates = (s.get("oof_positive_rate"), s.get("test_positive_rate"))
+    if rates[0] is not None:
+        test = "not yet (run --mode test)" if rates[1] is None else f"{100 * rates[1]:.1f}%"
+        lines.append(f"- Predicted fake rate: OOF {100 * rates[0]:.1f}% at the threshold; submission {test}")
+        if rates[1] is not None and abs(rates[1] - rates[0]) > 0.02:
+            lines.append("- **Warning:** the two fake rates differ by more than 2 points")
+    return lines
+
+
+def _md_outer(report: dict[str, Any]) -> list[str]:
+    """Per held-out fold: what the outer loop chose without it and how that scored, next to the best
+    single model chosen the same way, and the fixed best single model (its nested-CV scores)."""
+    outer = report["blend"].get("outer")
+    if not outer:
+        return []
+    single = outer.get("best_single") or {}
+    picked = outer.get("single_chosen_per_fold") or []
+    rows = []
+    for i, (f, c, v) in enumerate(
+        zip(report["folds"], outer["chosen_per_fold"], outer["per_fold"], strict=True)
+    ):
+        alone = (
+            f"{_fmt(outer['single_per_fold'][i])} ({picked[i].removeprefix('single:')})" if picked else "—"
+        )
+        rows.append([str(f), c, _fmt(v), alone, _fmt(single["per_fold"][i]) if single else "—"])
+    means = [_fmt(outer["mean"]), _fmt(outer.get("single_mean")), _fmt(single.get("mean"))]
+    rows.append(["**mean**", f"(all folds: `{outer['chosen']}`)", *means])
+    fixed = f"fixed best single ({single.get('name', '—')}), nested CV"
+    header = ["held-out fold", "chosen without it", "F1", "best single model chosen without it", fixed]
+    return ["## Outer loop (the estimate)", "", *_md_table(header, rows)]
 
 
 def _md_models(report: dict[str, Any]) -> list[str]:
@@ -288,13 +353,13 @@ def _md_folds(report: dict[str, Any]) -> list[str]:
 def _md_methods_weights(report: dict[str, Any]) -> list[str]:
     """Blend methods compared by nested-CV F1, then the chosen blend's weights."""
     b = report["blend"]
-    lines = ["## Blend methods (nested CV)", ""]
+    lines = ["## Blend methods and single models (nested CV)", ""]
     if b["nested"]:
         rows = [
             [f"**{m}**" if m == b["method"] else m, _fmt(r["mean"]), " / ".join(map(_fmt, r["per_fold"]))]
             for m, r in b["nested"].items()
         ]
-        lines += _md_table(["method", "nested-CV F1", "per fold"], rows)
+        lines += _md_table(["candidate", "nested-CV F1", "per fold"], rows)
     else:
         lines += ["No nested comparison was run.", ""]
     lines += ["## Weights", ""]
@@ -324,6 +389,7 @@ def _render_markdown(report: dict[str, Any], out_dir: Path | None = None) -> str
         *_md_summary(report),
         *_md_models(report),
         *_md_folds(report),
+        *_md_outer(report),
         *_md_methods_weights(report),
         *_md_correlation(report),
         "## Plots",
@@ -552,8 +618,16 @@ def blend_vs_best(report: dict[str, Any]) -> str:
     """One line comparing the blend with the best single model, both as pooled OOF F1 at their own
     tuned thresholds: the claim a competitor cares about is "the ensemble beats my best model", and
     the line says so plainly when it does not."""
-    name, best = max(((n, m["overall"]["best_f1"]) for n, m in report["models"].items()), key=lambda t: t[1])
     s = report["summary"]
+    if s.get("best_single") and s.get("estimate") is not None:  # issue 10: both out of sample
+        single = s["best_single"]
+        gap = s["estimate"] - single["mean"]
+        verdict = f"the ensemble wins by {gap:+.4f}" if gap > 0 else "the ensemble does not beat it"
+        return (
+            f"chosen [{s['method']}] estimate {_fmt(s['estimate'])} (outer loop) vs best single model "
+            f"{single['name']} {_fmt(single['mean'])} (nested CV): {verdict}"
+        )
+    name, best = max(((n, m["overall"]["best_f1"]) for n, m in report["models"].items()), key=lambda t: t[1])
     gap = s["in_sample_f1"] - best
     verdict = (
         f"the blend wins by {gap:+.4f}"
@@ -566,6 +640,35 @@ def blend_vs_best(report: dict[str, Any]) -> str:
         f"blend [{s['method']}] OOF F1 {_fmt(s['in_sample_f1'])} (nested-CV {_fmt(s['nested_cv_f1'])}) vs "
         f"best single model {name} {_fmt(best)}: {verdict}"
     )
+
+
+def add_test_rate(
+    out_dir: Path, test_rate: float, threshold: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Record the submission's predicted fake rate (and the threshold it used) in report.json and
+    report.md, atomically; ``extra`` summary keys (the fold-mean estimate) too. Returns the report."""
+    path = Path(out_dir) / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FoldkitError(f"{path}: cannot read the OOF report to add the test fake rate: {exc}") from exc
+    report["summary"]["test_positive_rate"] = _plain(float(test_rate))
+    report["blend"]["test_positive_rate"] = _plain(float(test_rate))
+    report["blend"]["test_threshold"] = float(threshold)
+    for key, value in (extra or {}).items():
+        report["summary"][key] = _plain(value)
+    atomic_write_text(path.with_name("report.md"), _render_markdown(report, out_dir))
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def estimate_line(report: dict[str, Any]) -> str:
+    """The closing line of ensemble.py: the number to expect on the test set, and what it beats."""
+    s = report["summary"]
+    single = s.get("best_single") or {}
+    vs = f"; best single model {single['name']} {_fmt(single['mean'])} (nested CV)" if single else ""
+    how = "outer loop + fold-average gain" if s.get("estimate_single_fold") is not None else "outer loop"
+    return f"estimate ({how}; expect this test F1): {_fmt(s.get('estimate'))} [{s['method']}]{vs}"
 
 
 def main(argv: list[str] | None = None) -> int:

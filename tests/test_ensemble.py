@@ -33,7 +33,8 @@ def test_val_mode_writes_report_and_no_submission(trained_copy: Path, tiny_data:
     out_dir = trained_copy / "oof/demo"
     report = json.loads((out_dir / "report.json").read_text())
     assert set(report["models"]) == {"test_efficientnet", "test_convnext"}
-    assert report["blend"]["method"] in ("mean", "rank", "logit", "weighted")
+    method = report["blend"]["method"]
+    assert method in ("mean", "rank", "logit", "weighted", "caruana") or method.startswith("single:")
     md = (out_dir / "report.md").read_text()
     for png in PNGS:
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -57,8 +58,11 @@ def test_test_mode_writes_a_valid_submission_from_the_oof_fitted_blend(
     per_model = probs[["prob_test_efficientnet", "prob_test_convnext"]].to_numpy()
     np.testing.assert_allclose(probs.prob, per_model.mean(axis=1), atol=1e-7)  # the mean blend, as fitted
     report = json.loads((trained_copy / "oof/demo/report.json").read_text())
-    threshold = report["blend"]["threshold"]
-    assert (probs.label == (probs.prob >= threshold - 1e-9).astype(int)).all()
+    threshold = report["blend"]["test_threshold"]  # the one applied (default --threshold-fit rate)
+    # probs.csv keeps 8 decimals, and a rate-matched threshold is one of the probabilities
+    assert (probs.prob[probs.label == 1] >= threshold - 1e-8).all()
+    assert (probs.prob[probs.label == 0] < threshold + 1e-8).all()
+    assert report["summary"]["test_positive_rate"] == pytest.approx(probs.label.mean(), abs=1e-6)
     for bb in ("test_efficientnet", "test_convnext"):
         for k in (0, 1):
             cached = pd.read_csv(trained_copy / f"oof/demo/{bb}/test_fold{k}.csv", dtype={"name": str})

@@ -1,0 +1,55 @@
+"""Where should the threshold sit? The issue-10 simulation, measured (docs/benchmarks.md).
+
+    python benchmarks/bench_threshold.py --seeds 20
+
+Five fold models of differing scale and bias (``foldkit.calibrate.simulate``): each OOF row comes from
+one of them, each test probability is their mean. For each fake ratio it prints the submission's test
+F1 (mean over seeds) with the threshold placed four ways, and at the best test threshold (oracle):
+pooled (the OOF best-F1 threshold as is), rate (the test threshold that predicts the OOF's fake rate),
+platt (each fold model Platt-calibrated on its own OOF before averaging), platt+rate, platt+foldmean
+(the threshold fitted on OOF shaped like a fold mean, ``foldkit.calibrate.fold_mean_oof``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from foldkit.blend import best_threshold, f1_at
+from foldkit.calibrate import apply_platt, calibrate_oof, fold_mean_oof, place_threshold, simulate
+
+WAYS = ("pooled", "rate", "platt", "platt+rate", "platt+foldmean")
+
+
+def one(ratio: float, seed: int, own: float) -> dict[str, float]:
+    """Test F1 of every way, and the oracle, on one simulated run."""
+    y, folds, P, yt, PT = simulate(ratio, seed, own=own)
+    oof = P[np.arange(len(y)), folds]
+    cal, params = calibrate_oof(oof[:, None], y, folds, "platt")
+    per_fold = np.stack([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])])
+    test_cal = per_fold.mean(axis=0)
+    out = {"oracle": best_threshold(yt, PT.mean(axis=1))[1]}
+    shaped, _ = fold_mean_oof(cal[:, 0], y, per_fold)
+    out["platt+foldmean"] = f1_at(yt, test_cal, best_threshold(y, shaped)[0])
+    for way in WAYS[:-1]:
+        o, t = (cal[:, 0], test_cal) if way.startswith("platt") else (oof, PT.mean(axis=1))
+        thr, _ = place_threshold(y, o, t, "rate" if way.endswith("rate") else "pooled")
+        out[way] = f1_at(yt, t, thr)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--own", type=float, default=0.8, help="each fold model's own noise (sd, latent units)")
+    args = p.parse_args()
+    print(f"{'fake ratio':>10}  " + "  ".join(f"{w:>10}" for w in (*WAYS, "oracle")))
+    for ratio in (0.05, 0.1, 0.2, 0.5):
+        runs = [one(ratio, s, args.own) for s in range(args.seeds)]
+        cells = [np.mean([r[w] for r in runs]) for w in (*WAYS, "oracle")]
+        print(f"{ratio:>10}  " + "  ".join(f"{c:>10.4f}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Issue 10: the estimate must predict the leaderboard. A threshold that fits the fold-averaged test
+probabilities, Caruana selection and the simpler-candidate rule, the outer loop, the fake rates."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import special
+
+import ensemble
+import foldkit.select as select
+from foldkit.blend import _logloss, best_threshold, f1_at, nested_threshold_f1
+from foldkit.calibrate import (
+    apply_platt,
+    calibrate_oof,
+    fit_platt,
+    fold_mean_oof,
+    place_threshold,
+    positive_rate,
+    rate_threshold,
+    simulate,
+)
+from foldkit.cli import run
+from foldkit.ensemble import record_test_rate
+from foldkit.report import write_report
+from foldkit.select import Candidate, beats, candidates, caruana_weights, choose, outer_loop
+
+# -- 1. the threshold where the submission's probabilities live ------------------------------------
+
+
+def _submission_f1(ratio: float, seed: int, way: str) -> float:
+    """Test F1 of the fold-mean submission with the threshold placed ``way``."""
+    y, folds, P, yt, PT = simulate(ratio, seed)
+    rows = np.arange(len(y))
+    oof = P[rows, folds][:, None]
+    if way == "platt":
+        oof, params = calibrate_oof(oof, y, folds, "platt")
+        test = np.mean([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])], axis=0)
+    else:
+        test = PT.mean(axis=1)
+    thr, _ = place_threshold(y, oof[:, 0], test, "rate" if way == "rate" else "pooled")
+    return f1_at(yt, test, thr)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2])
+def test_calibration_and_rate_matching_beat_the_pooled_oof_threshold_on_the_fold_mean(ratio: float) -> None:
+    scores = {
+        w: np.mean([_submission_f1(ratio, s, w) for s in range(6)]) for w in ("pooled", "rate", "platt")
+    }
+    assert scores["platt"] > scores["pooled"] + 0.01, scores
+    assert scores["rate"] > scores["pooled"] + 0.005, scores
+
+
+def test_calibrate_oof_fits_each_fold_model_on_its_own_rows() -> None:
+    y, folds, P, _, _ = simulate(0.3, 1, n=900, k=3)
+    oof = P[np.arange(len(y)), folds]
+    M = np.column_stack([oof, oof**2])
+    Pc, params = calibrate_oof(M, y, folds, "platt")
+    for f in range(3):
+        rows = folds == f
+        assert params[f][1] == pytest.approx(fit_platt(M[rows, 1], y[rows]))
+        np.testing.assert_allclose(Pc[rows, 0], apply_platt(M[rows, 0], params[f][0]))
+    assert _logloss(y, Pc[:, 0]) < _logloss(y, M[:, 0])  # the mixture of calibrations is undone
+    same, ident = calibrate_oof(M, y, folds, "none")
+    np.testing.assert_array_equal(same, M)
+    assert ident[0] == [(1.0, 0.0), (1.0, 0.0)]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_fold_mean_oof_estimates_the_f1_of_the_fold_average(ratio: float) -> None:
+    """Single-model OOF under-states what averaging K diverse fold models scores; the shaped OOF,
+    told only the fold models' disagreement on unlabelled test images, gets much closer."""
+    raw_gap, shaped_gap = [], []
+    for seed in range(3):
+        y, folds, P, yt, PT = simulate(ratio, seed, own=1.2)
+        oof, params = calibrate_oof(P[np.arange(len(y)), folds][:, None], y, folds, "platt")
+        per_fold = np.stack([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])])
+        truth = best_threshold(yt, per_fold.mean(axis=0))[1]
+        shaped, spread = fold_mean_oof(oof[:, 0], y, per_fold)
+        assert spread["disagreement_real"] > 0 and spread["k"] == 5
+        raw_gap.append(abs(nested_threshold_f1(y, oof[:, 0], folds)["mean"] - truth))
+        shaped_gap.append(abs(nested_threshold_f1(y, shaped, folds)["mean"] - truth))
+    assert np.mean(shaped_gap) < 0.5 * np.mean(raw_gap) and np.mean(shaped_gap) < 0.04, (raw_gap, shaped_gap)
+    same, _ = fold_mean_oof(oof[:, 0], y, per_fold[:1])  # one fold model: nothing is averaged away
+    np.testing.assert_allclose(same, np.clip(oof[:, 0], 1e-7, 1 - 1e-7))
+
+
+def test_rate_threshold_predicts_that_share_fake() -> None:
+    p = np.random.default_rng(0).random(1000)
+    for rate in (0.0, 0.05, 0.37, 1.0):
+        assert positive_rate(p, rate_threshold(p, rate)) == pytest.approx(rate)
+
+
+# -- 3. never worse than the best member --------------------------------------------------------------
+
+
+def _oof(seed: int, n: int = 500, k: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(np.int64)
+    z = 2 * y - 1
+    good = special.expit(1.2 * z + rng.normal(0, 1.0, n))
+    other = special.expit(0.8 * z + rng.normal(0, 1.3, n))
+    noise = rng.random(n)
+    return np.column_stack([good, other, noise]), y, np.arange(n) % k
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("objective", ["logloss", "auc"])
+def test_caruana_never_worse_than_the_best_single_model_on_its_objective(seed: int, objective: str) -> None:
+    P, y, _ = _oof(seed)
+    w = caruana_weights(P, y, objective)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    if objective == "logloss":
+        assert _logloss(y, P @ w) <= min(_logloss(y, P[:, j]) for j in range(3)) + 1e-12
+    else:
+        from foldkit.blend import _auc
+
+        assert _auc(y, P @ w) >= max(_auc(y, P[:, j]) for j in range(3)) - 1e-12
+    assert w[2] < 0.2  # the noise column earns (almost) nothing
+
+
+def test_beats_needs_a_gain_larger_than_its_standard_error() -> None:
+    assert beats([0.90, 0.91, 0.92, 0.93], [0.89, 0.90, 0.91, 0.92])  # +0.01 every fold, no noise
+    assert not beats([0.95, 0.86, 0.95, 0.86], [0.90, 0.90, 0.90, 0.90])  # +0.005 mean, +-0.045 noise
+    assert not beats([0.9] * 4, [0.9] * 4)
+    assert beats([0.95, 0.86, 0.95, 0.86], [0.90, 0.90, 0.90, 0.90], z=0.1)  # z: how many SEs
+
+
+def test_choose_keeps_the_best_single_model_unless_a_blend_wins_beyond_the_noise() -> None:
+    P, y, folds = _oof(0)
+    cands = candidates(["good", "other", "noise"])
+    assert [c.name for c in cands[:3]] == ["single:good", "single:other", "single:noise"]
+    assert {"mean", "caruana"} <= {c.name for c in cands}
+    chosen, table = choose(P, y, folds, cands)
+    assert set(table) == {c.name for c in cands}
+    if chosen.kind != "single":
+        assert beats(table[chosen.name]["per_fold"], table["single:good"]["per_fold"])
+    # a blend of a model with pure noise never earns its place
+    only = [Candidate("single:good", "single", 0), Candidate("mean", "mean")]
+    assert choose(P[:, [0, 2]], y, folds, only)[0].name == "single:good"
+
+
+# -- 4. the outer loop --------------------------------------------------------------------------------
+
+
+def test_outer_loop_scores_each_fold_with_a_choice_made_without_it(monkeypatch) -> None:
+    P, y, folds = _oof(1, k=4)
+    cands = candidates(["good", "other", "noise"])
+    seen: list[set[int]] = []
+    real = select.choose
+
+    def spy(P_, y_, folds_, *a, **kw):
+        seen.append({int(f) for f in np.unique(folds_)})
+        return real(P_, y_, folds_, *a, **kw)
+
+    monkeypatch.setattr(select, "choose", spy)
+    outer = outer_loop(P, y, folds, cands)
+    assert seen == [{1, 2, 3}, {0, 2, 3}, {0, 1, 3}, {0, 1, 2}]
+    for f, (name, score) in enumerate(zip(outer["chosen_per_fold"], outer["per_fold"], strict=True)):
+        te = folds == f
+        cand = next(c for c in cands if c.name == name)
+        blend = select.fit_candidate(P[~te], y[~te], cand)
+        thr, _ = best_threshold(y[~te], blend.apply(P[~te]))
+        assert score == pytest.approx(f1_at(y[te], blend.apply(P[te]), thr))
+    assert outer["mean"] == pytest.approx(np.mean(outer["per_fold"]))
+    # the like-for-like baseline: the best single model, chosen on the same K-1 folds
+    for name, single, chosen, score in zip(
+        outer["single_chosen_per_fold"],
+        outer["single_per_fold"],
+        outer["chosen_per_fold"],
+        outer["per_fold"],
+        strict=True,
+    ):
+        assert name.startswith("single:")
+        assert single == score if chosen == name else 0.0 <= single <= 1.0
+    assert outer["single_mean"] == pytest.approx(np.mean(outer["single_per_fold"]))
+    assert outer_loop(P[folds < 2], y[folds < 2], folds[folds < 2], cands) is None  # 2 folds: no inner CV
+
+
+# -- report and ensemble.py ---------------------------------------------------------------------------
+
+
+def _report(tmp_path: Path, oof_rate: float) -> Path:
+    P, y, folds = _oof(2)
+    info = {"method": "single:good", "weights": {"good": 1.0}, "oof_positive_rate": oof_rate, "estimate": 0.8}
+    write_report(tmp_path, y, folds, {"good": P[:, 0]}, P[:, 0], info, 0.5, "demo")
+    return tmp_path
+
+
+def test_test_rate_is_recorded_and_a_gap_over_two_points_warns(tmp_path: Path, caplog) -> None:
+    out = _report(tmp_path, 0.40)
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        report = record_test_rate(out, 0.41, 0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert report["summary"]["test_positive_rate"] == pytest.approx(0.41)
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        record_test_rate(out, 0.45, 0.5)
+    assert any("45.0% fake" in r.getMessage() and "40.0%" in r.getMessage() for r in caplog.records)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["summary"]["test_positive_rate"] == pytest.approx(0.45)
+    md = (out / "report.md").read_text()
+    assert "OOF 40.0% at the threshold; submission 45.0%" in md and "more than 2 points" in md
+
+
+def test_test_mode_records_both_fake_rates_and_the_estimate(
+    trained_copy: Path, tiny_data: Path, capsys
+) -> None:
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data), "--mode", "test"]
+    assert run(ensemble.main, argv) == 0
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    s = report["summary"]
+    labels = [
+        int(line.split()[1])
+        for line in (trained_copy / "submissions/demo/prediction.txt").read_text().split("\n")
+        if line
+    ]
+    assert s["test_positive_rate"] == pytest.approx(np.mean(labels), abs=1e-6)
+    assert 0.0 <= s["oof_positive_rate"] <= 1.0
+    assert s["best_single"]["name"] in report["models"]
+    assert s["estimate"] is not None
+    md = (trained_copy / "oof/demo/report.md").read_text()
+    assert "Predicted fake rate: OOF" in md and "Best single model" in md
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("estimate (")
+
+
+def test_closing_lines_name_the_estimate_and_the_best_single_model() -> None:
+    from foldkit.report import blend_vs_best, estimate_line
+
+    summary = {"method": "logit", "in_sample_f1": 0.9, "nested_cv_f1": 0.89, "estimate": 0.87}
+    summary["best_single"] = {"name": "test_resnet", "mean": 0.88, "per_fold": [0.88] * 5}
+    report = {"summary": summary, "models": {"test_resnet": {"overall": {"best_f1": 0.9}}}}
+    assert "does not beat it" in blend_vs_best(report) and "estimate 0.8700" in blend_vs_best(report)
+    line = estimate_line(report)
+    assert (
+        line.startswith("estimate (outer loop;") and "0.8700 [logit]" in line and "test_resnet 0.8800" in line
+    )
+    summary.update(estimate=0.91, estimate_single_fold=0.87, fold_mean_gain=0.04)
+    assert "outer loop + fold-average gain" in estimate_line(report)
+    assert "wins by +0.0300" in blend_vs_best(report)
+
+
+def test_uncalibrated_pooled_run_applies_the_oof_threshold_unchanged(
+    trained_copy: Path, tiny_data: Path
+) -> None:
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data), "--mode", "test"]
+    assert run(ensemble.main, [*argv, "--calibration", "none", "--threshold-fit", "pooled"]) == 0
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    assert report["blend"]["calibration"] == "none"
+    assert report["blend"]["test_threshold"] == report["blend"]["threshold"]
+    assert report["summary"]["estimate"] == pytest.approx(
+        report["summary"]["estimate_single_fold"] + report["summary"]["fold_mean_gain"], abs=1e-5
+    )
