@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "exceeds this many standard errors across folds (default: foldkit.select.NOISE_Z)",
     )
     p.add_argument(
+        "--select-by",
+        "--select_by",
+        dest="select_by",
+        choices=("f1", "logloss"),
+        default="logloss",
+        help="blend auto: the per-fold score of that comparison, F1 at the placed threshold or held-out "
+        "log-loss (smoother; docs/benchmarks.md)",
+    )
+    p.add_argument(
         "--calibration",
         choices=("platt", "none"),
         default="platt",
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration=args.calibration,
         threshold_fit=args.threshold_fit,
         noise_z=args.noise_z,
+        select_by=args.select_by,
     )
     fitted = fit(opts)
     if args.mode == "test":

@@ -68,6 +68,7 @@ class Options:
     # the OOF fake rate; foldmean: fitted on fold-mean-like OOF (foldkit.calibrate; docs/benchmarks.md)
     noise_z: float | None = None  # a more complex candidate must win by this many standard errors of
     # its paired per-fold gain; None: foldkit.select.NOISE_Z
+    select_by: str = "logloss"  # the per-fold score that gain is measured in: f1 or logloss (foldkit.select)
     stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
 
     @property
@@ -337,11 +338,11 @@ def _choose(
     fit_kw = {"objective": opts.objective, "solver": opts.solver}
     mode = "rate" if opts.threshold_fit == "rate" else "pooled"  # foldmean needs the test predictions
     cands = candidates(keys) if opts.blend == "auto" else [Candidate(opts.blend, opts.blend)]
-    chosen, table = choose(P, y, folds, cands, mode, opts.noise_z, **fit_kw)
+    chosen, table = choose(P, y, folds, cands, mode, opts.noise_z, opts.select_by, **fit_kw)
     for single in candidates(keys)[: len(keys)]:
         if single.name not in table:
             table[single.name] = nested_scores(P, y, folds, single, mode, **fit_kw)
-    outer = outer_loop(P, y, folds, cands, mode, opts.noise_z, **fit_kw)
+    outer = outer_loop(P, y, folds, cands, mode, opts.noise_z, opts.select_by, **fit_kw)
     single = best_single(table)
     if outer is not None:
         outer = {**outer, "chosen": chosen.name, "best_single": single}

@@ -29,6 +29,9 @@ from foldkit.io import FoldkitError
 #: How many standard errors of its paired per-fold gain a more complex candidate must win by (the
 #: issue's rule; 0.5 was measured too and was no better: docs/benchmarks.md).
 NOISE_Z = 1.0
+#: Which per-fold score the simplicity rule compares (``choose``), and its key in a nested table.
+SELECT_BY = "logloss"
+SELECT_SCORES = {"f1": "per_fold", "logloss": "per_fold_neg_logloss"}
 #: Complexity rank of each candidate kind: singles are simplest, fitted weights the most complex.
 COMPLEXITY = {"single": 0, "mean": 1, "rank": 2, "logit": 3, "caruana": 4, "weighted": 5}
 
@@ -94,14 +97,21 @@ def nested_scores(
     """F1 of ``cand`` on each fold when its blend and threshold are fitted on the other folds.
 
     ``mode`` is how the threshold reaches the held-out fold (``foldkit.calibrate.place_threshold``):
-    the held-out fold plays the test set. Returns {"mean", "per_fold", "thresholds"} in fold order.
+    the held-out fold plays the test set. Returns {"mean", "per_fold", "thresholds",
+    "per_fold_neg_logloss"} in fold order.
     """
-    per_fold, thresholds = [], []
+    per_fold, thresholds, neg_logloss = [], [], []
     for f in np.unique(folds):
-        score, thr = _fit_score(P, y, folds == f, cand, mode, **fit_kw)
+        score, thr, ll = _fit_score(P, y, folds == f, cand, mode, **fit_kw)
         per_fold.append(score)
         thresholds.append(thr)
-    return {"mean": float(np.mean(per_fold)), "per_fold": per_fold, "thresholds": thresholds}
+        neg_logloss.append(-ll)
+    return {
+        "mean": float(np.mean(per_fold)),
+        "per_fold": per_fold,
+        "thresholds": thresholds,
+        "per_fold_neg_logloss": neg_logloss,
+    }
 
 
 def beats(challenger: list[float], incumbent: list[float], z: float | None = None) -> bool:
@@ -119,36 +129,41 @@ def choose(
     cands: list[Candidate],
     mode: str = "pooled",
     z: float | None = None,
+    by: str = SELECT_BY,
     **fit_kw: Any,
 ) -> tuple[Candidate, dict[str, dict[str, Any]]]:
     """Nested-CV scores of every candidate and the one chosen by the simplicity rule.
 
     The incumbent starts as the best single model (the best candidate of the lowest complexity); each
     more complex candidate, in order of complexity, replaces it only if it ``beats`` it by ``z``
-    standard errors (default ``NOISE_Z``).
+    standard errors (default ``NOISE_Z``) of the per-fold ``by`` score: ``f1`` (nested-CV F1 at the
+    placed threshold) or ``logloss`` (held-out log-loss, a smooth score: a threshold's F1 jumps with a
+    few rows, so its fold-to-fold noise hides or fakes gains; docs/benchmarks.md).
     """
     if not cands:
         raise FoldkitError("no ensemble candidates to choose from")
+    if by not in SELECT_SCORES:
+        raise FoldkitError(f"select by {by!r}: expected one of {', '.join(SELECT_SCORES)}")
     table = {c.name: nested_scores(P, y, folds, c, mode, **fit_kw) for c in cands}
+    key = SELECT_SCORES[by]
     ordered = sorted(cands, key=lambda c: c.complexity)  # stable: METHODS order within a rank
     simplest = [c for c in ordered if c.complexity == ordered[0].complexity]
-    incumbent = max(simplest, key=lambda c: table[c.name]["mean"])
+    incumbent = max(simplest, key=lambda c: float(np.mean(table[c.name][key])))
     for c in ordered:
-        if c.complexity > incumbent.complexity and beats(
-            table[c.name]["per_fold"], table[incumbent.name]["per_fold"], z
-        ):
+        if c.complexity > incumbent.complexity and beats(table[c.name][key], table[incumbent.name][key], z):
             incumbent = c
     return incumbent, table
 
 
 def _fit_score(
     P: np.ndarray, y: np.ndarray, te: np.ndarray, cand: Candidate, mode: str, **fit_kw: Any
-) -> tuple[float, float]:
-    """Fit ``cand`` and its threshold on the rows outside ``te``; (F1 on ``te``, threshold)."""
+) -> tuple[float, float, float]:
+    """Fit ``cand`` and its threshold on the rows outside ``te``; (F1 on ``te``, threshold, log-loss
+    on ``te``)."""
     blend = fit_candidate(P[~te], y[~te], cand, **fit_kw)
     p_te = blend._apply(P[te])
     thr, _ = place_threshold(y[~te], blend._apply(P[~te]), p_te, mode)
-    return f1_at(y[te], p_te, thr), thr
+    return f1_at(y[te], p_te, thr), thr, _logloss(y[te], p_te)
 
 
 def outer_loop(
@@ -158,6 +173,7 @@ def outer_loop(
     cands: list[Candidate],
     mode: str = "pooled",
     z: float | None = None,
+    by: str = SELECT_BY,
     **fit_kw: Any,
 ) -> dict[str, Any] | None:
     """The estimate: for each fold, ``choose`` on the other folds (its own nested CV inside them), fit
@@ -175,14 +191,15 @@ def outer_loop(
     out.update(single_per_fold=[], single_chosen_per_fold=[])
     for f in ids:
         te = folds == f
-        cand, table = choose(P[~te], y[~te], folds[~te], cands, mode, z, **fit_kw)
-        score, thr = _fit_score(P, y, te, cand, mode, **fit_kw)
+        cand, table = choose(P[~te], y[~te], folds[~te], cands, mode, z, by, **fit_kw)
+        score, thr, _ = _fit_score(P, y, te, cand, mode, **fit_kw)
         out["per_fold"].append(score)
         out["chosen_per_fold"].append(cand.name)
         out["thresholds"].append(thr)
         singles = [c for c in cands if c.kind == "single"]
         if singles:
-            single = max(singles, key=lambda c: table[c.name]["mean"])
+            key = SELECT_SCORES[by]
+            single = max(singles, key=lambda c: float(np.mean(table[c.name][key])))
             same = single == cand
             out["single_per_fold"].append(score if same else _fit_score(P, y, te, single, mode, **fit_kw)[0])
             out["single_chosen_per_fold"].append(single.name)

@@ -254,3 +254,29 @@ def test_uncalibrated_pooled_run_applies_the_oof_threshold_unchanged(
     assert report["summary"]["estimate"] == pytest.approx(
         report["summary"]["estimate_single_fold"] + report["summary"]["fold_mean_gain"], abs=1e-5
     )
+
+
+def test_select_by_logloss_sees_what_f1_cannot() -> None:
+    """Model "a" is model "b" with its calibration broken by a monotone map (p_b ** 4): the same
+    ranking, so the same F1 on every fold, and F1 cannot tell them apart (the first is kept); by
+    held-out log-loss "b" is better on every fold and is chosen."""
+    from foldkit.io import FoldkitError
+    from foldkit.select import SELECT_SCORES, candidates, choose
+
+    rng = np.random.default_rng(0)
+    n, k = 1000, 5
+    y = rng.integers(0, 2, n)
+    folds = np.arange(n) % k
+    p_b = special.expit(np.where(y == 1, 1.5, -1.5) + rng.normal(size=n))
+    P = np.column_stack([p_b**4, p_b])
+    cands = candidates(["a", "b"], methods=("mean",), caruana=False)
+    by_f1, table = choose(P, y, folds, cands, by="f1")
+    assert table["single:a"]["per_fold"] == table["single:b"]["per_fold"]
+    assert by_f1.name == "single:a"
+    by_ll, table = choose(P, y, folds, cands, by="logloss")
+    assert by_ll.name == "single:b"
+    gain = np.subtract(table["single:b"]["per_fold_neg_logloss"], table["single:a"]["per_fold_neg_logloss"])
+    assert len(gain) == k and (gain > 0).all()
+    assert set(SELECT_SCORES) == {"f1", "logloss"}
+    with pytest.raises(FoldkitError, match="select by"):
+        choose(P, y, folds, cands, by="auc")
