@@ -240,7 +240,15 @@ def test_closing_lines_name_the_estimate_and_the_best_single_model() -> None:
     )
     summary.update(estimate=0.91, estimate_single_fold=0.87, fold_mean_gain=0.04)
     assert "outer loop + fold-average gain" in estimate_line(report)
-    assert "wins by +0.0300" in blend_vs_best(report)
+    # like with like: the fold-average gain is not a win over a single model scored without it
+    assert "does not beat it" in blend_vs_best(report) and "estimate 0.9100" in blend_vs_best(report)
+    report["blend"] = {"outer": {"mean": 0.89, "single_mean": 0.88}}
+    expected = (
+        "outer loop: chosen 0.8900 vs best single model test_resnet 0.8800: the ensemble wins by +0.0100"
+    )
+    assert blend_vs_best(report).endswith(expected)
+    summary["method"] = "single:test_resnet"
+    assert "a single model was chosen" in blend_vs_best(report)
 
 
 def test_uncalibrated_pooled_run_applies_the_oof_threshold_unchanged(
