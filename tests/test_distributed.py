@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -175,13 +174,6 @@ def test_a_failing_rank_ends_the_run_naming_it(tiny_data: Path, tmp_path: Path) 
 # -- --devices: fold-parallel jobs -------------------------------------------------------------------------
 
 
-def _log_span(path: Path) -> tuple[float, float]:
-    """First and last timestamp of a train.log (``%Y-%m-%d %H:%M:%S,mmm`` at the start of each line)."""
-    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", path.read_text(), re.M)
-    parse = lambda s: datetime.datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: E731
-    return parse(stamps[0]), parse(stamps[-1])
-
-
 def test_devices_trains_folds_at_once_leaving_the_sequential_artifacts(
     tiny_data: Path, trained: Path, tmp_path: Path, capsys
 ) -> None:
@@ -195,10 +187,11 @@ def test_devices_trains_folds_at_once_leaving_the_sequential_artifacts(
         assert f"[cpu] test_efficientnet fold {k} epoch 1/1: train_loss" in err  # its progress line
         job_log = (tmp_path / f"logs/demo/test_efficientnet-fold{k}.log").read_text()
         assert "--workers" not in job_log.splitlines()[0]  # the config's own workers (0) are kept
-    (a0, b0), (a1, b1) = (
-        _log_span(tmp_path / f"models/demo/test_efficientnet/fold{k}/train.log") for k in (0, 1)
-    )
-    assert a0 < b1 and a1 < b0  # the two folds trained at the same time
+    # The two jobs ran at the same time: each was started before the other finished. (Their train.log
+    # spans, well under a second here, need not overlap: one process may import torch faster.)
+    started = [err.index(f"test_efficientnet fold {k}: started") for k in (0, 1)]
+    done = [err.index(f"test_efficientnet fold {k}: done in") for k in (0, 1)]
+    assert started[0] < done[1] and started[1] < done[0]
     for sub in ("models/demo/test_efficientnet", "oof/demo/test_efficientnet"):
         assert _files(tmp_path / sub) == _files(trained / sub)
     for k in (0, 1):
