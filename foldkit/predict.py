@@ -100,7 +100,8 @@ def predict_probs(
         net = ttach.ClassificationTTAWrapper(net, transforms, merge_mode="mean")
     model.eval()
     probs, indices = [], []
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
+    # None: no bar where the output is not a terminal (a job log, a redirected run); never off rank 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
     for images, _, idx in bar:
         with autocast(device, amp_dtype):
             probs.append(net(images).float().reshape(-1))

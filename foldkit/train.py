@@ -271,7 +271,7 @@ class _Trainer:
         next_save = (first // save_every + 1) * save_every if save and save_every else None
         bar = tqdm(
             loader, total=n_batches, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-            disable=not carried,
+            disable=None if carried else True,  # None: no bar where the output is not a terminal
         )  # fmt: skip
         for i, (images, labels, _) in enumerate(bar, start=first):
             if i >= n_batches:
