@@ -187,6 +187,7 @@ def test_devices_trains_folds_at_once_leaving_the_sequential_artifacts(
         assert f"[cpu] test_efficientnet fold {k} epoch 1/1: train_loss" in err  # its progress line
         job_log = (tmp_path / f"logs/demo/test_efficientnet-fold{k}.log").read_text()
         assert "--workers" not in job_log.splitlines()[0]  # the config's own workers (0) are kept
+        assert "it/s" not in job_log  # no progress-bar frames in a log file; the epoch lines remain
     # The two jobs ran at the same time: each was started before the other finished. (Their train.log
     # spans, well under a second here, need not overlap: one process may import torch faster.)
     started = [err.index(f"test_efficientnet fold {k}: started") for k in (0, 1)]
