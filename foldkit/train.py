@@ -304,15 +304,15 @@ class _Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         loss_sum, seen_all = self._sums(total, seen)  # syncs, so the rate below counts finished work
         self.check_weights(epoch)
-        fresh_all = self._sums(torch.zeros(()), fresh)[1]
+        fresh_all = seen_all - progress.seen  # rank 0 carried the resumed part; every rank added its own
         return loss_sum / max(1, seen_all), fresh_all / max(1e-9, time.perf_counter() - start), seen_all
 
     def _sums(self, total: torch.Tensor, seen: int) -> tuple[float, int]:
         """(loss sum, images) so far, summed over the ranks under DDP; reading them syncs."""
         if distributed.world_size() == 1:
             return float(total.item()), seen
-        both = torch.stack([total.to(self.device, torch.float64), torch.tensor(float(seen)).to(self.device)])
-        both = distributed.all_sum(both.to(torch.float64)).cpu()
+        seen_t = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
+        both = distributed.all_sum(torch.stack([total.to(self.device, torch.float64), seen_t])).cpu()
         return float(both[0]), int(both[1])
 
     def _checked_sums(self, total: torch.Tensor, seen: int, epoch: int, good: int) -> tuple[float, int]:
