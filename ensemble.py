@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--select_by",
         dest="select_by",
         choices=("f1", "logloss"),
-        default="logloss",
+        default=None,
         help="blend auto: the per-fold score of that comparison, F1 at the placed threshold or held-out "
-        "log-loss (smoother; docs/benchmarks.md)",
+        "log-loss (smoother; docs/benchmarks.md) (default: foldkit.select.SELECT_BY, logloss)",
     )
     p.add_argument(
         "--calibration",

@@ -129,19 +129,21 @@ def choose(
     cands: list[Candidate],
     mode: str = "pooled",
     z: float | None = None,
-    by: str = SELECT_BY,
+    by: str | None = None,
     **fit_kw: Any,
 ) -> tuple[Candidate, dict[str, dict[str, Any]]]:
     """Nested-CV scores of every candidate and the one chosen by the simplicity rule.
 
     The incumbent starts as the best single model (the best candidate of the lowest complexity); each
     more complex candidate, in order of complexity, replaces it only if it ``beats`` it by ``z``
-    standard errors (default ``NOISE_Z``) of the per-fold ``by`` score: ``f1`` (nested-CV F1 at the
-    placed threshold) or ``logloss`` (held-out log-loss, a smooth score: a threshold's F1 jumps with a
-    few rows, so its fold-to-fold noise hides or fakes gains; docs/benchmarks.md).
+    standard errors (default ``NOISE_Z``) of the per-fold ``by`` score (default ``SELECT_BY``): ``f1``
+    (nested-CV F1 at the placed threshold) or ``logloss`` (held-out log-loss, a smooth score: a
+    threshold's F1 jumps with a few rows, so its fold-to-fold noise hides or fakes gains;
+    docs/benchmarks.md).
     """
     if not cands:
         raise FoldkitError("no ensemble candidates to choose from")
+    by = SELECT_BY if by is None else by
     if by not in SELECT_SCORES:
         raise FoldkitError(f"select by {by!r}: expected one of {', '.join(SELECT_SCORES)}")
     table = {c.name: nested_scores(P, y, folds, c, mode, **fit_kw) for c in cands}
@@ -173,7 +175,7 @@ def outer_loop(
     cands: list[Candidate],
     mode: str = "pooled",
     z: float | None = None,
-    by: str = SELECT_BY,
+    by: str | None = None,
     **fit_kw: Any,
 ) -> dict[str, Any] | None:
     """The estimate: for each fold, ``choose`` on the other folds (its own nested CV inside them), fit
@@ -189,6 +191,7 @@ def outer_loop(
         return None
     out: dict[str, list] = {k: [] for k in ("per_fold", "chosen_per_fold", "thresholds")}
     out.update(single_per_fold=[], single_chosen_per_fold=[])
+    key = SELECT_SCORES[SELECT_BY if by is None else by]  # how ``choose`` ranks the single models
     for f in ids:
         te = folds == f
         cand, table = choose(P[~te], y[~te], folds[~te], cands, mode, z, by, **fit_kw)
@@ -198,7 +201,6 @@ def outer_loop(
         out["thresholds"].append(thr)
         singles = [c for c in cands if c.kind == "single"]
         if singles:
-            key = SELECT_SCORES[by]
             single = max(singles, key=lambda c: float(np.mean(table[c.name][key])))
             same = single == cand
             out["single_per_fold"].append(score if same else _fit_score(P, y, te, single, mode, **fit_kw)[0])
