@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from foldkit.hostmem import reuse_freed_memory
+
 
 class DeviceTransform:
     """uint8 NHWC -> float32 NCHW: resize (area when shrinking, bilinear when enlarging), normalise.
@@ -38,6 +40,8 @@ class DeviceTransform:
         self.mean = torch.tensor([m * 255.0 for m in mean], device=device).view(1, -1, 1, 1)
         self.scale = torch.tensor([1.0 / (s * 255.0) for s in std], device=device).view(1, -1, 1, 1)
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image width -> tiled mean, scale
+        if device.type == "cpu":  # each batch's float output would be page-faulted afresh (hostmem.py)
+            reuse_freed_memory()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:

@@ -197,6 +197,45 @@ def test_device_transform_resizes_and_normalises() -> None:
         DeviceTransform(8, mean, std, torch.device("cpu"))(images.float())
 
 
+def test_cpu_transform_keeps_big_batches_in_the_heap() -> None:
+    """After a CPU DeviceTransform exists, a freed 64 MiB tensor's memory is reused, not unmapped and
+    page-faulted afresh (glibc's own accounting: bytes in mmapped blocks stay flat)."""
+    import ctypes
+    import platform
+
+    from foldkit import hostmem
+
+    DeviceTransform(8, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    if platform.libc_ver()[0] != "glibc":
+        assert not hostmem.reuse_freed_memory()
+        pytest.skip("glibc only")
+    assert hostmem.reuse_freed_memory()
+
+    class MallInfo2(ctypes.Structure):
+        names = (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+        )
+        _fields_ = [(f, ctypes.c_size_t) for f in (*names, "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    mapped = libc.mallinfo2().hblkhd
+    big = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    assert libc.mallinfo2().hblkhd - mapped < 1 << 20  # served from the heap, not a fresh mapping
+    del big
+    again = torch.empty(64 << 20, dtype=torch.uint8)
+    assert libc.mallinfo2().hblkhd - mapped < 1 << 20
+    assert again.numel() == 64 << 20
+
+
 def test_sampler_is_a_pure_function_of_seed_and_epoch() -> None:
     s = EpochBatchSampler(10, 4, shuffle=True, seed=7)
     s.set_epoch(1)
