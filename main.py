@@ -203,8 +203,8 @@ def train(args: argparse.Namespace) -> int:
             r["backbone"],
             r["fold"],
             r["best_epoch"],
-            "val_loss" if cfg.train.metric == "loss" else cfg.train.metric,
-            -r["score"] if cfg.train.metric == "loss" else r["score"],  # scores are higher-is-better
+            "val_loss" if cfg.train.metric in ("loss", "last") else cfg.train.metric,
+            -r["score"] if cfg.train.metric in ("loss", "last") else r["score"],  # higher-is-better scores
             r["oof"],
             " (finished before: skipped)" if r.get("skipped") else "",
         )

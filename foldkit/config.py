@@ -98,7 +98,8 @@ class TrainConfig:
     drop_rate: float | None = None  # head dropout, passed to timm when set
     drop_path_rate: float | None = None  # stochastic depth, passed to timm when set
     metric: str = "loss"  # model selection and early stopping: loss (validation log-loss; measured
-    # best, docs/benchmarks.md), auc, f1 (best-threshold F1: the noisiest, and it flatters the OOF)
+    # best, docs/benchmarks.md), auc, f1 (best-threshold F1: the noisiest, and it flatters the OOF),
+    # last (no selection: the full schedule's final weights, the final EMA with ema: true)
     patience: int | None = None  # epochs without improvement before stopping; null: never
     max_train_batches: int | None = None  # cap batches per epoch (smoke tests only)
     # Under torchrun (DDP) batch_size is per process: the global batch is batch_size x processes x
@@ -139,7 +140,7 @@ SHORTCUTS = {
 
 _CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "none"),
-    "train.metric": ("f1", "auc", "loss"),
+    "train.metric": ("f1", "auc", "loss", "last"),
     "data.on_bad_image": ("error", "skip"),
 }
 TTA_NAMES = ("none", "hflip", "vflip", "d4", "rot90")
@@ -153,6 +154,10 @@ def validate(cfg: RunConfig) -> None:
         value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    if cfg.train.metric == "last" and cfg.train.patience is not None:
+        raise ConfigError(
+            "train.patience: metric 'last' keeps the final epoch, so there is nothing to stop early on"
+        )
     if isinstance(cfg.train.pos_weight, str) and cfg.train.pos_weight != "balanced":
         raise ConfigError(f"train.pos_weight: {cfg.train.pos_weight!r} is not a number or 'balanced'")
     for name in cfg.tta:

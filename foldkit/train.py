@@ -161,7 +161,8 @@ def epoch_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 def _score(metrics: dict[str, float], metric: str) -> float:
     """Higher is better for every selection metric."""
-    return {"f1": metrics["best_f1"], "auc": metrics["auc"], "loss": -metrics["val_loss"]}[metric]
+    named = {"f1": metrics["best_f1"], "auc": metrics["auc"]}
+    return named.get(metric, -metrics["val_loss"])  # loss, and last (which keeps every epoch anyway)
 
 
 def _pos_weight(cfg: RunConfig, labels: np.ndarray) -> float:
@@ -761,7 +762,8 @@ def _epochs(
         score = _score(m, cfg.train.metric)
         score = -np.inf if np.isnan(score) else score  # e.g. AUC on a one-class holdout
         payload = {**base, "epoch": epoch, "score": score, "threshold": m["threshold"], "val": m}
-        if score > progress.best_score or progress.best_epoch < 0:  # epoch 1 is always saved
+        # epoch 1 is always saved; metric "last" keeps every newer epoch (its score: -val_loss, for the log)
+        if score > progress.best_score or progress.best_epoch < 0 or cfg.train.metric == "last":
             progress.best_score, progress.best_epoch, progress.stale = score, epoch, 0
             _save_checkpoint(
                 paths.model_dir / "best.pt", {**payload, "model": module_state(trainer.eval_model())}

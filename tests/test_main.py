@@ -279,6 +279,37 @@ def test_ema_accumulation_early_stop_and_workers_are_deterministic(tiny_data: Pa
     assert "ema" in last and last["step"] >= 1
 
 
+@pytest.mark.parametrize("metric, kept", [("loss", 1), ("last", 3)])
+def test_metric_last_keeps_the_final_weights_where_loss_would_not(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric: str, kept: int
+) -> None:
+    """Validation loss made to rise every epoch: ``loss`` keeps epoch 1, ``last`` the final (EMA)
+    weights, which are then exactly last.pt's eval weights."""
+    import foldkit.train as train_mod
+
+    real, calls = train_mod.epoch_metrics, []
+
+    def rising(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        calls.append(1)
+        return {**real(y, p), "val_loss": float(len(calls))}
+
+    monkeypatch.setattr(train_mod, "epoch_metrics", rising)
+    extra = ["--backbones", "test_efficientnet", "--fold", "0", "--epochs", "3", "--set", "train.ema=true",
+             "--set", f"train.metric={metric}"]  # fmt: skip
+    assert train_tiny(tiny_data, tmp_path, *extra) == 0
+    fold = tmp_path / "models/demo/test_efficientnet/fold0"
+    best = torch.load(fold / "best.pt", weights_only=True)
+    last = torch.load(fold / "last.pt", weights_only=True)
+    assert best["epoch"] == kept and best["val"]["val_loss"] == kept
+    same = all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+    assert same == (kept == 3)
+
+
+def test_metric_last_refuses_patience(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="nothing to stop early on"):
+        from_dict({"train": {"metric": "last", "patience": 2}})
+
+
 def _offline_env(tmp_path: Path) -> dict[str, str]:
     """A user's shell on an offline machine: no HF_HUB_OFFLINE, an unresolvable hub, an empty cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
