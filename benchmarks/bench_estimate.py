@@ -166,6 +166,8 @@ def main() -> int:
         if args.digits
         else f"r{args.ratio:g}"
     )
+    if (args.n_trainval, args.n_test) != (2000, 2000):  # other sizes: other data, never mixed up
+        case += f"_n{args.n_trainval}_t{args.n_test}"
     data, work, truth = (
         args.root / f"data_{case}",
         args.root / f"work_{case}{args.tag}",
