@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--select-by",
         "--select_by",
         dest="select_by",
-        choices=("f1", "logloss"),
+        choices=("f1", "logloss", "logloss+f1"),
         default=None,
-        help="blend auto: the per-fold score of that comparison, F1 at the placed threshold or held-out "
-        "log-loss (smoother; docs/benchmarks.md) (default: foldkit.select.SELECT_BY, logloss)",
+        help="blend auto: the per-fold score of that comparison, F1 at the placed threshold, held-out "
+        "log-loss (smoother; docs/benchmarks.md), or logloss+f1: that log-loss win and a strictly higher "
+        "mean F1 (default: foldkit.select.SELECT_BY, logloss+f1)",
     )
     p.add_argument(
         "--calibration",

@@ -68,7 +68,7 @@ class Options:
     # the OOF fake rate; foldmean: fitted on fold-mean-like OOF (foldkit.calibrate; docs/benchmarks.md)
     noise_z: float | None = None  # a more complex candidate must win by this many standard errors of
     # its paired per-fold gain; None: foldkit.select.NOISE_Z
-    select_by: str | None = None  # the per-fold score of that gain, f1 or logloss; None:
+    select_by: str | None = None  # the per-fold score of that gain, f1, logloss, logloss+f1; None:
     # foldkit.select.SELECT_BY
     stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
 

@@ -285,6 +285,29 @@ def test_select_by_logloss_sees_what_f1_cannot() -> None:
     assert by_ll.name == "single:b"
     gain = np.subtract(table["single:b"]["per_fold_neg_logloss"], table["single:a"]["per_fold_neg_logloss"])
     assert len(gain) == k and (gain > 0).all()
-    assert set(SELECT_SCORES) == {"f1", "logloss"}
+    assert set(SELECT_SCORES) == {"f1", "logloss", "logloss+f1"}
     with pytest.raises(FoldkitError, match="select by"):
         choose(P, y, folds, cands, by="auc")
+
+
+def test_logloss_f1_needs_a_strict_f1_win_too() -> None:
+    """Two miscalibrations of one score z (calibrated log-odds 3z): "a" overconfident (5z), "b"
+    underconfident (z). Their logit mean is 3z: calibrated, so a better log-loss on every fold, but
+    the same ranking, so the same nested-CV F1 as either. ``logloss`` takes the blend; ``logloss+f1``
+    keeps the single model: a tie is not a win."""
+    rng = np.random.default_rng(1)
+    n, k = 1000, 5
+    y = rng.integers(0, 2, n)
+    folds = np.arange(n) % k
+    z = np.where(y == 1, 0.5, -0.5) + rng.normal(scale=0.5, size=n)
+    P = np.column_stack([special.expit(5 * z), special.expit(z)])
+    cands = candidates(["a", "b"], methods=("logit",), caruana=False)
+    by_ll, table = choose(P, y, folds, cands, by="logloss")
+    assert by_ll.name == "logit"
+    single = (
+        by_ll
+        if by_ll.kind == "single"
+        else max(("single:a", "single:b"), key=lambda c: np.mean(table[c]["per_fold_neg_logloss"]))
+    )
+    np.testing.assert_allclose(table["logit"]["per_fold"], table[single]["per_fold"], atol=1e-12)
+    assert choose(P, y, folds, cands, by="logloss+f1")[0].name == single
