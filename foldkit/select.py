@@ -162,7 +162,7 @@ def choose(
 
 def _wins(challenger: dict[str, Any], incumbent: dict[str, Any], by: str, z: float | None) -> bool:
     """The simplicity rule for one pair of nested-CV rows: ``beats`` on the ``by`` score; with
-    ``logloss+f1`` the challenger must also not lose nested-CV F1 on average (the submission's score)."""
+    ``logloss+f1`` the challenger's mean nested-CV F1 (the submission's score) must also be higher."""
     key = SELECT_SCORES[by]
     if not beats(challenger[key], incumbent[key], z):
         return False
