@@ -90,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold-fit",
         "--threshold_fit",
         dest="threshold_fit",
-        choices=("pooled", "rate", "foldmean"),
-        default="pooled",
-        help="pooled: the best-F1 threshold of the calibrated OOF, as is; rate: the test threshold "
-        "predicts the OOF's fake rate at it (better when the test's fake ratio is the training one, "
-        "much worse when not: docs/benchmarks.md); foldmean: fitted on OOF scores shaped like a fold "
-        "average",
+        choices=("foldmean", "pooled", "rate"),
+        default=None,
+        help="foldmean: fitted on OOF scores shaped like the fold average the submission is (measured "
+        "best: docs/benchmarks.md); pooled: the best-F1 threshold of the calibrated OOF, as is; rate: "
+        "the test threshold predicts the OOF's fake rate at it (better when the test's fake ratio is "
+        "the training one, much worse when not) (default: foldkit.ensemble.THRESHOLD_FIT, foldmean)",
     )
     p.add_argument(
         "--tta",
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     tta = None if args.tta is None else tta_names(args.tta)
-    from foldkit.ensemble import Options, fit, predict_test  # after the arguments: loads pandas
+    from foldkit.ensemble import THRESHOLD_FIT, Options, fit, predict_test  # after the arguments: pandas
 
     exps = [e.strip() for e in args.exp.split(",") if e.strip()]
     opts = Options(
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         args.prediction_file,
         calibration=args.calibration,
-        threshold_fit=args.threshold_fit,
+        threshold_fit=args.threshold_fit or THRESHOLD_FIT,
         noise_z=args.noise_z,
         select_by=args.select_by,
     )

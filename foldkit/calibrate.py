@@ -29,8 +29,8 @@ from foldkit.io import FoldkitError
 
 CALIBRATIONS = ("none", "platt")
 THRESHOLD_FITS = ("pooled", "rate")
-#: How the test-mode threshold is fitted: also ``foldmean`` (``fold_mean_oof``), the default.
-TEST_THRESHOLD_FITS = ("foldmean", *THRESHOLD_FITS)
+#: How the test-mode threshold is fitted: also ``foldmean`` (``fold_mean_oof``).
+TEST_THRESHOLD_FITS = ("foldmean", *THRESHOLD_FITS)  # the default: foldkit.ensemble.THRESHOLD_FIT
 #: Probabilities are clipped before the logit, as in foldkit.blend.
 EPS = 1e-7
 #: Identity Platt parameters (slope, intercept on the logit).

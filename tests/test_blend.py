@@ -157,8 +157,26 @@ def test_best_threshold_matches_brute_force(seed: int, n: int) -> None:
     thr, f1 = best_threshold(y, p)
     best, argbest = brute_f1(y, p)
     assert f1 == pytest.approx(best, abs=1e-12)
-    assert thr in argbest
     assert f1_at(y, p, thr) == pytest.approx(best, abs=1e-12)
+    # the highest best data value, and the threshold in the middle of the gap below it (log-odds)
+    top = max(argbest)
+    assert ((p >= thr) == (p >= top)).all()
+    below = np.unique(p[p < top])
+    if below.size:
+        mid = special.expit((special.logit(top) + special.logit(below[-1])) / 2) if below[-1] > 0 else top / 2
+        assert below[-1] < thr <= top and thr == pytest.approx(mid, abs=1e-12)
+    else:
+        assert thr == top
+
+
+def test_threshold_of_separated_classes_sits_mid_gap() -> None:
+    """Classes far apart: any cut in the gap scores F1 1, and new scores meet its middle, not the lowest
+    positive's own score (where half the positives of a slightly shifted test set would fall below)."""
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.01, 0.02, 0.05, 0.95, 0.97, 0.99])
+    thr, f1 = best_threshold(y, p)
+    assert f1 == 1.0 and thr == pytest.approx(0.5, abs=1e-12)  # logit(0.95) = -logit(0.05)
+    assert f1_at(y, p - 0.2, thr) == 1.0  # the test set's scores 0.2 lower: still all right
 
 
 @pytest.mark.parametrize("label", [0, 1])
@@ -167,8 +185,8 @@ def test_best_threshold_single_class(label: int) -> None:
     p = rng.random(30)
     y = np.full(30, label)
     thr, f1 = best_threshold(y, p)
-    best, argbest = brute_f1(y, p)
-    assert f1 == pytest.approx(best, abs=1e-12) and thr in argbest
+    best, _ = brute_f1(y, p)
+    assert f1 == pytest.approx(best, abs=1e-12) and f1_at(y, p, thr) == pytest.approx(best, abs=1e-12)
     assert f1 == (1.0 if label else 0.0)
 
 

@@ -58,8 +58,8 @@ def test_test_mode_writes_a_valid_submission_from_the_oof_fitted_blend(
     per_model = probs[["prob_test_efficientnet", "prob_test_convnext"]].to_numpy()
     np.testing.assert_allclose(probs.prob, per_model.mean(axis=1), atol=1e-7)  # the mean blend, as fitted
     report = json.loads((trained_copy / "oof/demo/report.json").read_text())
-    threshold = report["blend"]["test_threshold"]  # the one applied (default --threshold-fit rate)
-    # probs.csv keeps 8 decimals, and a rate-matched threshold is one of the probabilities
+    threshold = report["blend"]["test_threshold"]  # the one applied (default --threshold-fit foldmean)
+    # probs.csv keeps 8 decimals
     assert (probs.prob[probs.label == 1] >= threshold - 1e-8).all()
     assert (probs.prob[probs.label == 0] < threshold + 1e-8).all()
     assert report["summary"]["test_positive_rate"] == pytest.approx(probs.label.mean(), abs=1e-6)

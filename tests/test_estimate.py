@@ -311,3 +311,30 @@ def test_logloss_f1_needs_a_strict_f1_win_too() -> None:
     )
     np.testing.assert_allclose(table["logit"]["per_fold"], table[single]["per_fold"], atol=1e-12)
     assert choose(P, y, folds, cands, by="logloss+f1")[0].name == single
+
+
+def test_default_test_threshold_is_fitted_on_the_fold_mean_shaped_oof(
+    trained_copy: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ensemble.py --mode test`` with no --threshold-fit: the applied threshold is the best-F1
+    threshold of the OOF shaped like the fold average (``fold_mean_oof``), not the pooled OOF's."""
+    import foldkit.calibrate as calibrate
+
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    real = calibrate.fold_mean_oof
+
+    def spy(p_oof: np.ndarray, y: np.ndarray, p_test_folds: np.ndarray, **kw: int):
+        out = real(p_oof, y, p_test_folds, **kw)
+        seen.append((np.asarray(y), out[0]))
+        return out
+
+    monkeypatch.setattr(calibrate, "fold_mean_oof", spy)
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data), "--mode", "test"]
+    assert run(ensemble.main, argv) == 0
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    assert report["blend"]["threshold_fit"] == "foldmean" and len(seen) == 1
+    y, shaped = seen[0]
+    assert report["blend"]["test_threshold"] == pytest.approx(best_threshold(y, shaped)[0], abs=1e-12)
+    assert report["summary"]["oof_positive_rate"] == pytest.approx(
+        positive_rate(shaped, report["blend"]["test_threshold"]), abs=1e-6
+    )
