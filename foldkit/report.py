@@ -265,6 +265,18 @@ def _md_summary(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+#: A fold-average gain above this is a warning: the fold models are weak and noisy, and the Gaussian
+#: model behind the gain (and the foldmean threshold) is off by several points there (measured: +0.05
+#: or less where the models learn the task, +0.4 where they are near chance; docs/benchmarks.md).
+WEAK_GAIN = 0.1
+WEAK_MODELS_NOTE = (
+    "the fold models are weak: averaging them is estimated to add {gain:+.3f} F1, and where single fold "
+    "models are this noisy the estimate and the foldmean threshold rest on a rough model of their "
+    "disagreement (measured off by 0.07 to 0.17 F1; docs/benchmarks.md): train models that learn the "
+    "task (more data or epochs), or compare --threshold-fit pooled"
+)
+
+
 def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The estimate, the best single model next to it, and the two predicted fake rates."""
     single = s.get("best_single") or {}
@@ -279,6 +291,8 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
             f"- **Estimate** (outer loop: the whole choice made without each fold, scored on it): "
             f"{_fmt(s.get('estimate'))}",
         ]
+    if (s.get("fold_mean_gain") or 0.0) > WEAK_GAIN:
+        lines.append("- **Warning**: " + WEAK_MODELS_NOTE.format(gain=s["fold_mean_gain"]))
     if single:
         lines.append(f"- Best single model: `{single['name']}`, nested-CV F1 {_fmt(single['mean'])}")
     if b.get("test_threshold") is not None:

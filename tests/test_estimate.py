@@ -206,6 +206,19 @@ def test_test_rate_is_recorded_and_a_gap_over_two_points_warns(tmp_path: Path, c
     assert "OOF 40.0% at the threshold; submission 45.0%" in md and "more than 2 points" in md
 
 
+@pytest.mark.parametrize("gain, warned", [(0.05, False), (0.3, True)])
+def test_a_large_fold_average_gain_warns_that_the_models_are_weak(
+    tmp_path: Path, gain: float, warned: bool
+) -> None:
+    out = _report(tmp_path, 0.40)
+    record_test_rate(
+        out, 0.40, 0.5, {"estimate": 0.8 + gain, "estimate_single_fold": 0.8, "fold_mean_gain": gain}
+    )
+    md = (out / "report.md").read_text()
+    assert f"fold-average gain {gain:+.4f}" in md
+    assert ("the fold models are weak" in md) == warned and ("--threshold-fit pooled" in md) == warned
+
+
 def test_test_mode_records_both_fake_rates_and_the_estimate(
     trained_copy: Path, tiny_data: Path, capsys
 ) -> None:
