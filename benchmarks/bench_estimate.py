@@ -147,6 +147,7 @@ def main() -> int:
     p.add_argument("--digits-noise", type=float, default=12.0, help="grey-level noise sd of the digits")
     p.add_argument("--n-trainval", type=int, default=2000, help="as make demo: 3/4 train, 1/4 validate")
     p.add_argument("--n-test", type=int, default=2000, help="test images (more: a less noisy real F1)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (a replicate)")
     p.add_argument("--tag", default="", help="suffix of the work folder, one per training variant")
     p.add_argument("--set", action="append", default=[], help="main.py --set override, repeatable")
     p.add_argument(
@@ -168,6 +169,8 @@ def main() -> int:
     )
     if (args.n_trainval, args.n_test) != (2000, 2000):  # other sizes: other data, never mixed up
         case += f"_n{args.n_trainval}_t{args.n_test}"
+    if args.data_seed:
+        case += f"_s{args.data_seed}"
     data, work, truth = (
         args.root / f"data_{case}",
         args.root / f"work_{case}{args.tag}",
@@ -181,8 +184,8 @@ def main() -> int:
             else:
                 n_tr, n_va = args.n_trainval * 3 // 4, args.n_trainval // 4
                 run(["-m", "foldkit.synthetic", "--out", str(data), "--n-train", str(n_tr), "--n-validate",
-                     str(n_va), "--n-test", str(args.n_test), "--seed", "0", "--fake-ratio", str(args.ratio),
-                     "--truth", str(truth)])  # fmt: skip
+                     str(n_va), "--n-test", str(args.n_test), "--seed", str(args.data_seed),
+                     "--fake-ratio", str(args.ratio), "--truth", str(truth)])  # fmt: skip
         run(["-m", "foldkit.folds", "--config", CONFIG, *paths], cwd=args.train_repo)
         run(["-m", "foldkit.store", *paths], cwd=args.train_repo)
         sets = [w for s in args.set for w in ("--set", s)]
