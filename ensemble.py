@@ -5,8 +5,8 @@
     python ensemble.py --mode test --exp demo --data-dir data/demo --tta d4 --prediction_file prediction.txt
     python ensemble.py --mode val --exp default,big --blend weighted --allow-partial
 
-Each fold model is Platt-calibrated on its own OOF (so the threshold fits the fold-averaged test
-probabilities); the ensemble (default: chosen among every single model, the blend methods and Caruana
+Each fold model is Platt-calibrated on its own OOF, and the submission's threshold is fitted on OOF
+scores shaped like the fold-averaged test probabilities (--threshold-fit foldmean); the ensemble (default: chosen among every single model, the blend methods and Caruana
 selection, the simpler one unless the other wins by more than the fold-to-fold noise), its weights
 and the threshold are fitted on OOF and applied to the test predictions. The closing line is the
 outer-loop estimate: the whole choice made without each fold and scored on it.
