@@ -5,11 +5,12 @@
     python ensemble.py --mode test --exp demo --data-dir data/demo --tta d4 --prediction_file prediction.txt
     python ensemble.py --mode val --exp default,big --blend weighted --allow-partial
 
-Each fold model is Platt-calibrated on its own OOF, and the submission's threshold is fitted on OOF
-scores shaped like the fold-averaged test probabilities (--threshold-fit foldmean); the ensemble (default: chosen among every single model, the blend methods and Caruana
-selection, the simpler one unless the other wins by more than the fold-to-fold noise), its weights
-and the threshold are fitted on OOF and applied to the test predictions. The closing line is the
-outer-loop estimate: the whole choice made without each fold and scored on it.
+Each fold model is Platt-calibrated on its own OOF; the ensemble (default: chosen among every single
+model, the blend methods and Caruana selection, the simpler one unless the other wins by more than
+the fold-to-fold noise) and its weights are fitted on OOF and applied to the test predictions, and
+the submission's threshold is fitted on OOF scores shaped like the fold-averaged test probabilities
+(--threshold-fit foldmean). The closing line is the estimate with its standard error: the outer loop
+(the whole choice made without each fold and scored on it), in test mode plus the fold-average gain.
 """
 
 from __future__ import annotations

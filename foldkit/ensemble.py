@@ -353,8 +353,12 @@ def _choose(
     single = best_single(table)
     if outer is not None:
         outer = {**outer, "chosen": chosen.name, "best_single": single}
-    estimate = outer["mean"] if outer is not None else table[chosen.name]["mean"]
-    return {"chosen": chosen, "nested": table, "outer": outer, "estimate": estimate, "best_single": single}
+    per_fold = outer["per_fold"] if outer is not None else table[chosen.name]["per_fold"]
+    estimate = float(np.mean(per_fold))
+    # its fold-to-fold standard error: how far the estimate itself may be from the truth by chance
+    se = float(np.std(per_fold, ddof=1) / np.sqrt(len(per_fold))) if len(per_fold) > 1 else None
+    return {"chosen": chosen, "nested": table, "outer": outer, "estimate": estimate, "estimate_se": se,
+            "best_single": single}  # fmt: skip
 
 
 def fit(opts: Options) -> Fitted:
@@ -391,6 +395,7 @@ def fit(opts: Options) -> Fitted:
         "in_sample_f1": float(in_sample),
         "honest": nested_threshold_f1(oof.y, blended, oof.folds),
         "estimate": choice["estimate"],
+        "estimate_se": choice["estimate_se"],
         "outer": choice["outer"],
         "best_single": choice["best_single"],
         "oof_positive_rate": oof_rate,

@@ -207,6 +207,7 @@ def write_report(
             },
             # issue 10: the outer-loop estimate, the best single model beside it, the predicted fake rates
             "estimate": blend.get("estimate", blend["nested_cv_f1"]),
+            "estimate_se": blend.get("estimate_se"),
             "best_single": blend.get("best_single"),
             "oof_positive_rate": blend.get("oof_positive_rate"),
             "test_positive_rate": None,  # filled in by ensemble.py --mode test (add_test_rate)
@@ -277,19 +278,24 @@ WEAK_MODELS_NOTE = (
 )
 
 
+def _se(s: dict[str, Any]) -> str:
+    """`` ± SE`` of the estimate (the outer loop's fold-to-fold standard error), when known."""
+    return "" if s.get("estimate_se") is None else f" ± {s['estimate_se']:.4f}"
+
+
 def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The estimate, the best single model next to it, and the two predicted fake rates."""
     single = s.get("best_single") or {}
     if s.get("estimate_single_fold") is not None:  # after --mode test with the foldmean threshold
         lines = [
-            f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])} = outer loop "
+            f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])}{_se(s)} = outer loop "
             f"{_fmt(s['estimate_single_fold'])} + fold-average gain {s['fold_mean_gain']:+.4f} (the "
             "fold models' disagreement on the test images, removed by averaging them)",
         ]
     else:
         lines = [
             f"- **Estimate** (outer loop: the whole choice made without each fold, scored on it): "
-            f"{_fmt(s.get('estimate'))}",
+            f"{_fmt(s.get('estimate'))}{_se(s)}",
         ]
     if (s.get("fold_mean_gain") or 0.0) > WEAK_GAIN:
         lines.append("- **Warning**: " + WEAK_MODELS_NOTE.format(gain=s["fold_mean_gain"]))
@@ -699,7 +705,7 @@ def estimate_line(report: dict[str, Any]) -> str:
     single = s.get("best_single") or {}
     vs = f"; best single model {single['name']} {_fmt(single['mean'])} (nested CV)" if single else ""
     how = "outer loop + fold-average gain" if s.get("estimate_single_fold") is not None else "outer loop"
-    return f"estimate ({how}; expect this test F1): {_fmt(s.get('estimate'))} [{s['method']}]{vs}"
+    return f"estimate ({how}; expect this test F1): {_fmt(s.get('estimate'))}{_se(s)} [{s['method']}]{vs}"
 
 
 def main(argv: list[str] | None = None) -> int:

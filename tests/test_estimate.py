@@ -235,9 +235,14 @@ def test_test_mode_records_both_fake_rates_and_the_estimate(
     assert 0.0 <= s["oof_positive_rate"] <= 1.0
     assert s["best_single"]["name"] in report["models"]
     assert s["estimate"] is not None
+    # 2 folds: no outer loop, so the estimate's standard error is that of the chosen nested-CV F1s
+    per_fold = report["blend"]["nested"][s["method"]]["per_fold"]
+    assert s["estimate_se"] == pytest.approx(np.std(per_fold, ddof=1) / np.sqrt(2), abs=1e-5)  # report: 6 dp
     md = (trained_copy / "oof/demo/report.md").read_text()
     assert "Predicted fake rate: OOF" in md and "Best single model" in md
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("estimate (")
+    assert f"± {s['estimate_se']:.4f}" in md
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("estimate (") and f"± {s['estimate_se']:.4f}" in last
 
 
 def test_closing_lines_name_the_estimate_and_the_best_single_model() -> None:
