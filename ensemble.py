@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--blend",
         choices=("auto", *BLEND_METHODS),
         default="auto",
-        help="blend method; auto picks the best nested-CV F1",
+        help="blend method; auto: every single model, these blends and Caruana selection are candidates, "
+        "and the simplest one stays unless another wins (see --select-by)",
     )
     p.add_argument(
         "--blend-objective",

@@ -311,6 +311,8 @@ def warn_threshold_tta(name: str, ckpt: dict, tta: list[str]) -> bool:
 
 def test(args: argparse.Namespace) -> int:
     """The seed's test mode: one checkpoint predicts the test set; `name label` lines in file order."""
+    import numpy as np
+
     from foldkit.data import read_test
     from foldkit.predict import load_checkpoint, parse_tta, predict_checkpoint
     from foldkit.submission import label_file_names, write_submission
@@ -346,7 +348,9 @@ def test(args: argparse.Namespace) -> int:
         desc="test",
     )
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
-    labels = (probs >= threshold).astype(int)
+    # float64: a float32 comparison would round the threshold, which sits mid-gap between two OOF
+    # probabilities (foldkit.blend.best_threshold), possibly onto the lower one
+    labels = (np.asarray(probs, dtype=np.float64) >= threshold).astype(int)
     expected = label_file_names(args.data_dir)  # the label file itself, not the list predicted for
     out = write_submission(args.prediction_file, test_df.name.tolist(), labels, expected)
     print(

@@ -156,7 +156,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
     if cfg.train.metric == "last" and cfg.train.patience is not None:
         raise ConfigError(
-            "train.patience: metric 'last' keeps the final epoch, so there is nothing to stop early on"
+            "train.patience: metric 'last' keeps the final epoch, so there is nothing to stop early on "
+            "(add --set train.patience=null)"
         )
     if isinstance(cfg.train.pos_weight, str) and cfg.train.pos_weight != "balanced":
         raise ConfigError(f"train.pos_weight: {cfg.train.pos_weight!r} is not a number or 'balanced'")

@@ -60,7 +60,7 @@ class Options:
     data_dir: Path
     work_dir: Path
     exps: list[str]
-    blend: str = "auto"  # auto: the method with the best nested-CV F1
+    blend: str = "auto"  # auto: choose among singles, blends and Caruana (foldkit.select.choose)
     objective: str = "logloss"  # weighted blend: what the weights optimise (logloss or auc)
     solver: str = "scipy"  # weighted blend: scipy (log-loss) or hill (greedy hill climbing)
     tta: list[str] | None = None  # None: the TTA the OOF files were made with
@@ -495,7 +495,7 @@ def _test_threshold(
     """
     from foldkit.blend import best_threshold
     from foldkit.calibrate import fold_mean_oof, positive_rate, rate_threshold
-    from foldkit.report import WEAK_GAIN, WEAK_MODELS_NOTE
+    from foldkit.report import WEAK_GAIN, weak_models_note
     from foldkit.select import Candidate, nested_scores
 
     threshold, extra = fitted.threshold, {}
@@ -515,7 +515,7 @@ def _test_threshold(
     extra = {"estimate": single + gain, "estimate_single_fold": single, "fold_mean_gain": gain}
     extra["fold_disagreement"] = spread
     if gain > WEAK_GAIN:
-        log.warning(WEAK_MODELS_NOTE.format(gain=gain))  # report.md says it too
+        log.warning(weak_models_note(gain, fitted.threshold_fit))  # report.md says it too
     if fitted.threshold_fit == "foldmean":
         threshold, _ = best_threshold(y, shaped)
         extra["oof_positive_rate"] = positive_rate(shaped, threshold)

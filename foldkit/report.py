@@ -272,14 +272,22 @@ def _md_summary(report: dict[str, Any]) -> list[str]:
 WEAK_GAIN = 0.1
 WEAK_MODELS_NOTE = (
     "the fold models are weak: averaging them is estimated to add {gain:+.3f} F1, and where single fold "
-    "models are this noisy the estimate and the foldmean threshold rest on a rough model of their "
-    "disagreement (measured off by 0.07 to 0.17 F1; docs/benchmarks.md): train models that learn the "
-    "task (more data or epochs), or compare --threshold-fit pooled"
+    "models are this noisy the estimate{what} rest on a rough model of their disagreement (measured off "
+    "by 0.07 to 0.17 F1; docs/benchmarks.md): train models that learn the task (more data or epochs){how}"
 )
 
 
+def weak_models_note(gain: float, threshold_fit: str | None) -> str:
+    """``WEAK_MODELS_NOTE`` for this run: the foldmean threshold is named only where it was used."""
+    foldmean = threshold_fit in (None, "foldmean")
+    what = " and the foldmean threshold" if foldmean else ""
+    how = ", or compare --threshold-fit pooled" if foldmean else ""
+    return WEAK_MODELS_NOTE.format(gain=gain, what=what, how=how)
+
+
 def _se(s: dict[str, Any]) -> str:
-    """`` ± SE`` of the estimate (the outer loop's fold-to-fold standard error), when known."""
+    """`` ± SE``: the outer loop's fold-to-fold standard error, when known (in test mode it is that of
+    the outer-loop term; the fold-average gain is a model, not a sample)."""
     return "" if s.get("estimate_se") is None else f" ± {s['estimate_se']:.4f}"
 
 
@@ -288,8 +296,8 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
     single = s.get("best_single") or {}
     if s.get("estimate_single_fold") is not None:  # after --mode test with the foldmean threshold
         lines = [
-            f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])}{_se(s)} = outer loop "
-            f"{_fmt(s['estimate_single_fold'])} + fold-average gain {s['fold_mean_gain']:+.4f} (the "
+            f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])} = outer loop "
+            f"{_fmt(s['estimate_single_fold'])}{_se(s)} + fold-average gain {s['fold_mean_gain']:+.4f} (the "
             "fold models' disagreement on the test images, removed by averaging them)",
         ]
     else:
@@ -298,7 +306,7 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
             f"{_fmt(s.get('estimate'))}{_se(s)}",
         ]
     if (s.get("fold_mean_gain") or 0.0) > WEAK_GAIN:
-        lines.append("- **Warning**: " + WEAK_MODELS_NOTE.format(gain=s["fold_mean_gain"]))
+        lines.append("- **Warning**: " + weak_models_note(s["fold_mean_gain"], b.get("threshold_fit")))
     if single:
         lines.append(f"- Best single model: `{single['name']}`, nested-CV F1 {_fmt(single['mean'])}")
     if b.get("test_threshold") is not None:

@@ -34,6 +34,8 @@ NOISE_Z = 1.0
 #: only recalibrates its best member ties it on F1; on 7 benchmark runs it was the one rule never below
 #: the best single model in the outer loop: docs/benchmarks.md).
 SELECT_BY = "logloss+f1"
+#: Mean F1 differences up to this are ties (rounding), not wins, for ``logloss+f1``.
+F1_TIE = 1e-9
 SELECT_SCORES = {"f1": "per_fold", "logloss": "per_fold_neg_logloss", "logloss+f1": "per_fold_neg_logloss"}
 #: Complexity rank of each candidate kind: singles are simplest, fitted weights the most complex.
 COMPLEXITY = {"single": 0, "mean": 1, "rank": 2, "logit": 3, "caruana": 4, "weighted": 5}
@@ -167,7 +169,7 @@ def _wins(challenger: dict[str, Any], incumbent: dict[str, Any], by: str, z: flo
     if not beats(challenger[key], incumbent[key], z):
         return False
     f1_gain = float(np.mean(challenger["per_fold"])) - float(np.mean(incumbent["per_fold"]))
-    return by != "logloss+f1" or f1_gain > 1e-9  # a tie to rounding is not a win
+    return by != "logloss+f1" or f1_gain > F1_TIE
 
 
 def _fit_score(

@@ -161,8 +161,9 @@ def epoch_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 def _score(metrics: dict[str, float], metric: str) -> float:
     """Higher is better for every selection metric."""
-    named = {"f1": metrics["best_f1"], "auc": metrics["auc"]}
-    return named.get(metric, -metrics["val_loss"])  # loss, and last (which keeps every epoch anyway)
+    if metric in ("loss", "last"):  # last keeps every epoch anyway; its score is logged as val_loss
+        return -metrics["val_loss"]
+    return {"f1": metrics["best_f1"], "auc": metrics["auc"]}[metric]
 
 
 def _pos_weight(cfg: RunConfig, labels: np.ndarray) -> float:

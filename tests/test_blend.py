@@ -163,7 +163,12 @@ def test_best_threshold_matches_brute_force(seed: int, n: int) -> None:
     assert ((p >= thr) == (p >= top)).all()
     below = np.unique(p[p < top])
     if below.size:
-        mid = special.expit((special.logit(top) + special.logit(below[-1])) / 2) if below[-1] > 0 else top / 2
+        inside = 0 < below[-1] < top < 1  # log-odds for probabilities strictly inside (0, 1)
+        mid = (
+            special.expit((special.logit(top) + special.logit(below[-1])) / 2)
+            if inside
+            else (top + below[-1]) / 2
+        )
         assert below[-1] < thr <= top and thr == pytest.approx(mid, abs=1e-12)
     else:
         assert thr == top

@@ -322,11 +322,7 @@ def test_logloss_f1_needs_a_strict_f1_win_too() -> None:
     cands = candidates(["a", "b"], methods=("logit",), caruana=False)
     by_ll, table = choose(P, y, folds, cands, by="logloss")
     assert by_ll.name == "logit"
-    single = (
-        by_ll
-        if by_ll.kind == "single"
-        else max(("single:a", "single:b"), key=lambda c: np.mean(table[c]["per_fold_neg_logloss"]))
-    )
+    single = max(("single:a", "single:b"), key=lambda c: np.mean(table[c]["per_fold_neg_logloss"]))
     np.testing.assert_allclose(table["logit"]["per_fold"], table[single]["per_fold"], atol=1e-12)
     assert choose(P, y, folds, cands, by="logloss+f1")[0].name == single
 
@@ -355,4 +351,28 @@ def test_default_test_threshold_is_fitted_on_the_fold_mean_shaped_oof(
     assert report["blend"]["test_threshold"] == pytest.approx(best_threshold(y, shaped)[0], abs=1e-12)
     assert report["summary"]["oof_positive_rate"] == pytest.approx(
         positive_rate(shaped, report["blend"]["test_threshold"]), abs=1e-6
+    )
+
+
+def test_weak_models_note_names_the_foldmean_threshold_only_where_it_was_used() -> None:
+    from foldkit.report import weak_models_note
+
+    assert "foldmean threshold" in weak_models_note(0.3, "foldmean") and "--threshold-fit pooled" in (
+        weak_models_note(0.3, None)
+    )
+    assert "foldmean" not in weak_models_note(0.3, "pooled") and "+0.300" in weak_models_note(0.3, "pooled")
+
+
+def test_ensemble_cli_choices_are_the_library_s() -> None:
+    """--threshold-fit and --select-by offer exactly what foldkit.calibrate and foldkit.select accept,
+    and their help names the library defaults."""
+    from foldkit.calibrate import TEST_THRESHOLD_FITS
+    from foldkit.ensemble import THRESHOLD_FIT
+    from foldkit.select import SELECT_BY, SELECT_SCORES
+
+    actions = {a.dest: a for a in ensemble.build_parser()._actions}
+    assert set(actions["threshold_fit"].choices) == set(TEST_THRESHOLD_FITS)
+    assert set(actions["select_by"].choices) == set(SELECT_SCORES)
+    assert (
+        f"{THRESHOLD_FIT})" in actions["threshold_fit"].help and f"{SELECT_BY})" in actions["select_by"].help
     )

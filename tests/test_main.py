@@ -306,7 +306,9 @@ def test_metric_last_keeps_the_final_weights_where_loss_would_not(
 
 
 def test_metric_last_refuses_patience(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="nothing to stop early on"):
+    from foldkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"nothing to stop early on.*patience=null"):
         from_dict({"train": {"metric": "last", "patience": 2}})
 
 
