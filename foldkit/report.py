@@ -477,14 +477,17 @@ def _colors(k: int) -> list[Any]:
 def _plot_f1_threshold(
     path: Path, y: np.ndarray, probs: dict[str, np.ndarray], blended: np.ndarray, report: dict[str, Any]
 ) -> None:
-    """F1 against threshold: the blend in bold with the chosen threshold marked, each model faintly."""
+    """F1 against threshold: the blend in bold with the chosen threshold marked, each model faintly.
+
+    Drawn as steps (F1 at ``thr[i]`` holds down to the next lower score, where the mid-gap threshold
+    of ``best_threshold`` sits), not as lines between the points."""
     b = report["blend"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for color, (name, p) in zip(_colors(len(probs)), probs.items(), strict=True):
         t, f = _thin(*f1_curve(y, p))
-        ax.plot(t, f, color=color, lw=0.9, alpha=0.35, label=name)
+        ax.plot(t, f, color=color, lw=0.9, alpha=0.35, label=name, drawstyle="steps-post")
     t, f = _thin(*f1_curve(y, blended))
-    ax.plot(t, f, color="black", lw=2, label=f"blend ({b['method']})")
+    ax.plot(t, f, color="black", lw=2, label=f"blend ({b['method']})", drawstyle="steps-post")
     thr = b["threshold"]
     ax.axvline(thr, color="red", ls="--", lw=1)
     ax.plot(
