@@ -12,8 +12,9 @@ PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc through ``LD_
 a system package and a launcher around every command, while glibc's own ``mallopt`` needs neither.
 The cost: freed memory stays with the process (the heap's top is trimmed only above ``threshold``, and
 freed blocks inside the heap are reused rather than returned), so the resident size stays near its
-peak. glibc before 2.35 refuses an mmap threshold above 32 MiB (then only the trim threshold is
-raised, which does not help 38 MB batches); elsewhere than glibc (macOS, musl) this does nothing.
+peak. Older glibc releases refuse an mmap threshold above 32 MiB (the check is in the 2.26 to 2.33
+sources; 2.36, here, accepts it): then only the trim threshold is raised, which does not help 38 MB
+batches. Elsewhere than glibc (macOS, musl) this does nothing.
 """
 
 from __future__ import annotations
