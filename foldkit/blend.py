@@ -229,16 +229,17 @@ def _fit_scipy(P: np.ndarray, y: np.ndarray) -> np.ndarray:
     return min(candidates, key=lambda c: _logloss(y, P @ c))
 
 
-def _fit_hill(P: np.ndarray, y: np.ndarray, objective: str) -> np.ndarray:
+def _fit_hill(P: np.ndarray, y: np.ndarray, objective: str, mean_start: bool = True) -> np.ndarray:
     """Caruana ensemble selection with replacement: greedily add the model that most improves the score.
 
-    Starts from the best of {each single model, all models once}, so the result is never worse than
-    the mean blend or any single model on the objective; stops when no addition improves it.
+    Starts from the best of {each single model, all models once} (``mean_start=False``: of the single
+    models only, Caruana et al.'s own start), so the result is never worse than those starts on the
+    objective; stops when no addition improves it.
     """
     score: Callable[[np.ndarray, np.ndarray], float]
     score = _logloss if objective == "logloss" else (lambda yy, q: -_auc(yy, q))
     m = P.shape[1]
-    inits = [*np.eye(m), np.ones(m)]
+    inits = [*np.eye(m), np.ones(m)] if mean_start else list(np.eye(m))
     counts = min(inits, key=lambda c: score(y, P @ c / c.sum())).copy()
     total = P @ counts
     k = counts.sum()

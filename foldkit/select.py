@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from foldkit.blend import HILL_MAX_STEPS, METHODS, Blend, _auc, _logloss, f1_at, fit_blend
+from foldkit.blend import METHODS, Blend, _fit_hill, _logloss, f1_at, fit_blend
 from foldkit.calibrate import place_threshold
 from foldkit.io import FoldkitError
 
@@ -67,24 +67,11 @@ def caruana_weights(P: np.ndarray, y: np.ndarray, objective: str = "logloss") ->
     """Caruana et al. (2004) ensemble selection: start from the best single model, then repeatedly add
     (with replacement) the model whose addition most improves the objective; stop when none does.
 
-    Hand-written because no maintained library implements it for a plain probability matrix, and it is
-    ten lines. Starting from the best single model means the result is never worse than it on the
+    The greedy loop is ``foldkit.blend``'s hill climb (``solver="hill"``), started here from the single
+    models only. Starting from the best single model means the result is never worse than it on the
     objective (on the rows it was fitted on).
     """
-    score = _logloss if objective == "logloss" else (lambda yy, q: -_auc(yy, q))
-    m = P.shape[1]
-    singles = [score(y, P[:, j]) for j in range(m)]
-    counts = np.zeros(m)
-    counts[int(np.argmin(singles))] = 1.0
-    total, k, best = P[:, int(np.argmin(singles))].copy(), 1.0, min(singles)
-    for _ in range(HILL_MAX_STEPS):
-        trial = [score(y, (total + P[:, j]) / (k + 1)) for j in range(m)]
-        j = int(np.argmin(trial))
-        if not trial[j] < best - 1e-12:
-            break
-        counts[j] += 1
-        total, k, best = total + P[:, j], k + 1, trial[j]
-    return counts / counts.sum()
+    return _fit_hill(P, y, objective, mean_start=False)
 
 
 def fit_candidate(P: np.ndarray, y: np.ndarray, cand: Candidate, **fit_kw: Any) -> Blend:
