@@ -7,7 +7,10 @@ one of them, each test probability is their mean. For each fake ratio it prints 
 F1 (mean over seeds) with the threshold placed four ways, and at the best test threshold (oracle):
 pooled (the OOF best-F1 threshold as is), rate (the test threshold that predicts the OOF's fake rate),
 platt (each fold model Platt-calibrated on its own OOF before averaging), platt+rate, platt+foldmean
-(the threshold fitted on OOF shaped like a fold mean, ``foldkit.calibrate.fold_mean_oof``).
+(the threshold fitted on OOF shaped like a fold mean, ``foldkit.calibrate.fold_mean_oof``). These
+average the fold models' probabilities, as the issue's simulation did; ``logodds+foldmean`` is what
+``ensemble.py --mode test`` does now: the same shaped threshold on the fold models' log-odds mean
+(``foldkit.calibrate.fold_average``), with its own oracle (``oracle_logodds``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,17 @@ import argparse
 import numpy as np
 
 from foldkit.blend import best_threshold, f1_at
-from foldkit.calibrate import apply_platt, calibrate_oof, fold_mean_oof, place_threshold, simulate
+from foldkit.calibrate import (
+    apply_platt,
+    calibrate_oof,
+    fold_average,
+    fold_mean_oof,
+    place_threshold,
+    simulate,
+)
 
-WAYS = ("pooled", "rate", "platt", "platt+rate", "platt+foldmean")
+WAYS = ("pooled", "rate", "platt", "platt+rate", "platt+foldmean", "logodds+foldmean")
+ORACLES = ("oracle", "oracle_logodds")
 
 
 def one(ratio: float, seed: int, own: float) -> dict[str, float]:
@@ -30,9 +41,12 @@ def one(ratio: float, seed: int, own: float) -> dict[str, float]:
     per_fold = np.stack([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])])
     test_cal = per_fold.mean(axis=0)
     out = {"oracle": best_threshold(yt, PT.mean(axis=1))[1]}
+    out["oracle_logodds"] = best_threshold(yt, fold_average(per_fold))[1]
     shaped, _ = fold_mean_oof(cal[:, 0], y, per_fold)
-    out["platt+foldmean"] = f1_at(yt, test_cal, best_threshold(y, shaped)[0])
-    for way in WAYS[:-1]:
+    shaped_thr, _ = best_threshold(y, shaped)
+    out["platt+foldmean"] = f1_at(yt, test_cal, shaped_thr)
+    out["logodds+foldmean"] = f1_at(yt, fold_average(per_fold), shaped_thr)
+    for way in WAYS[:-2]:
         o, t = (cal[:, 0], test_cal) if way.startswith("platt") else (oof, PT.mean(axis=1))
         thr, _ = place_threshold(y, o, t, "rate" if way.endswith("rate") else "pooled")
         out[way] = f1_at(yt, t, thr)
@@ -44,10 +58,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--own", type=float, default=0.8, help="each fold model's own noise (sd, latent units)")
     args = p.parse_args()
-    print(f"{'fake ratio':>10}  " + "  ".join(f"{w:>10}" for w in (*WAYS, "oracle")))
+    print(f"{'fake ratio':>10}  " + "  ".join(f"{w:>10}" for w in (*WAYS, *ORACLES)))
     for ratio in (0.05, 0.1, 0.2, 0.5):
         runs = [one(ratio, s, args.own) for s in range(args.seeds)]
-        cells = [np.mean([r[w] for r in runs]) for w in (*WAYS, "oracle")]
+        cells = [np.mean([r[w] for r in runs]) for w in (*WAYS, *ORACLES)]
         print(f"{ratio:>10}  " + "  ".join(f"{c:>10.4f}" for c in cells))
 
 

@@ -437,8 +437,10 @@ def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, l
 
 
 def predict_test(opts: Options, fitted: Fitted) -> Path:
-    """Fold-mean test probabilities per model -> the OOF-fitted blend -> the tuned threshold ->
-    ``submissions/<exp>/prediction.txt`` and ``probs.csv``."""
+    """Each fold's calibrated models through the OOF-fitted blend -> the K fold pipelines' log-odds
+    mean -> the tuned threshold -> ``submissions/<exp>/prediction.txt`` and ``probs.csv``."""
+    from foldkit.calibrate import fold_average
+
     test_df = read_test(opts.data_dir)
     images_key = _images_key(opts.data_dir, test_df)
     # every model's OOF shares one TTA (checked in fit); other TTA predictions get their own cache
@@ -460,10 +462,13 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
             for fold in range(fitted.oof.k)
         ]
         folds_cal.append(_calibrated(fitted, j, per_fold))
-        columns.append(np.mean(folds_cal[-1], axis=0))
-    T = np.column_stack(columns)
-    probs = fitted.blend.apply(T)
-    threshold, extra = _test_threshold(fitted, probs, folds_cal)
+        columns.append(fold_average(folds_cal[-1]))
+    T = np.column_stack(columns)  # each model's fold average, for probs.csv
+    # each fold's models blended as on the OOF rows, then the K fold pipelines averaged
+    fold_sets = (np.column_stack([c[f] for c in folds_cal]) for f in range(fitted.oof.k))
+    per_fold = np.stack([fitted.blend.apply(P) for P in fold_sets])
+    probs = fold_average(per_fold)
+    threshold, extra = _test_threshold(fitted, probs, per_fold)
     labels = (probs >= threshold).astype(int)
     _fallback_for_bad(opts, test_df, probs, labels)
     out = opts.work_dir / "oof" / opts.name
@@ -483,12 +488,11 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     return pred
 
 
-def _test_threshold(
-    fitted: Fitted, probs: np.ndarray, folds_cal: list[list[np.ndarray]]
-) -> tuple[float, dict[str, Any]]:
+def _test_threshold(fitted: Fitted, probs: np.ndarray, per_fold: np.ndarray) -> tuple[float, dict[str, Any]]:
     """The threshold applied to the submission, and what the report learns from the test predictions.
 
-    The chosen blend of each fold's models gives K scores per test image; their spread shapes
+    The chosen blend of each fold's models gives K scores per test image (``per_fold``, (K, m));
+    ``probs`` is their log-odds mean (``foldkit.calibrate.fold_average``). Their spread shapes
     fold-mean-like OOF scores (``foldkit.calibrate.fold_mean_oof``), and the estimate moves by the
     nested-CV gain those show over the single-model OOF (the outer loop cannot see it: each OOF row
     has one model). Threshold: ``rate`` predicts the OOF fake rate; ``foldmean`` is fitted on the
@@ -502,10 +506,9 @@ def _test_threshold(
     threshold, extra = fitted.threshold, {}
     if fitted.threshold_fit == "rate":
         threshold = rate_threshold(probs, fitted.oof_positive_rate)
-    if fitted.blended is None or len(folds_cal[0]) < 2:
+    if fitted.blended is None or len(per_fold) < 2:
         return threshold, extra
-    k, y, folds = len(folds_cal[0]), fitted.oof.y, fitted.oof.folds
-    per_fold = np.stack([fitted.blend.apply(np.column_stack([c[f] for c in folds_cal])) for f in range(k)])
+    y, folds = fitted.oof.y, fitted.oof.folds
     shaped, spread = fold_mean_oof(fitted.blended, y, per_fold)
     mode, one = ("rate" if fitted.threshold_fit == "rate" else "pooled"), Candidate("score", "single", 0)
     gain = (

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import special
 
 import ensemble
 from foldkit import PROJECT_ROOT
@@ -48,15 +49,24 @@ def test_test_mode_writes_a_valid_submission_from_the_oof_fitted_blend(
     trained_copy: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     copy = tmp_path / "prediction.txt"
-    argv = ["--mode", "test", "--blend", "mean", "--prediction_file", str(copy)]
+    argv = ["--mode", "test", "--blend", "mean", "--calibration", "none", "--prediction_file", str(copy)]
     assert _ensemble(trained_copy, tiny_data, *argv) == 0
     sub = read_submission(trained_copy / "submissions/demo/prediction.txt")
     assert sub.name.tolist() == read_test(tiny_data).name.tolist()
     assert set(sub.label) <= {0, 1}
     assert copy.read_bytes() == (trained_copy / "submissions/demo/prediction.txt").read_bytes()
     probs = pd.read_csv(trained_copy / "submissions/demo/probs.csv", dtype={"name": str})
-    per_model = probs[["prob_test_efficientnet", "prob_test_convnext"]].to_numpy()
-    np.testing.assert_allclose(probs.prob, per_model.mean(axis=1), atol=1e-7)  # the mean blend, as fitted
+    # each fold's two models blended (the mean blend, as fitted), then the folds' log-odds mean
+    fold_probs = [
+        [pd.read_csv(trained_copy / f"oof/demo/{bb}/test_fold{k}.csv").prob for k in (0, 1)]
+        for bb in ("test_efficientnet", "test_convnext")
+    ]
+    per_fold = np.mean(fold_probs, axis=0)  # (K, n): the mean blend within each fold
+    log_odds = special.logit(np.clip(per_fold, 1e-7, 1 - 1e-7))
+    np.testing.assert_allclose(probs.prob, special.expit(log_odds.mean(axis=0)), atol=2e-7)
+    per_model = probs[["prob_test_efficientnet", "prob_test_convnext"]].to_numpy().T
+    model_log_odds = special.logit(np.clip(fold_probs, 1e-7, 1 - 1e-7)).mean(axis=1)
+    np.testing.assert_allclose(per_model, special.expit(model_log_odds), atol=2e-7)
     report = json.loads((trained_copy / "oof/demo/report.json").read_text())
     threshold = report["blend"]["test_threshold"]  # the one applied (default --threshold-fit foldmean)
     # probs.csv keeps 8 decimals

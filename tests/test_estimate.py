@@ -18,6 +18,7 @@ from foldkit.calibrate import (
     apply_platt,
     calibrate_oof,
     fit_platt,
+    fold_average,
     fold_mean_oof,
     place_threshold,
     positive_rate,
@@ -79,7 +80,7 @@ def test_fold_mean_oof_estimates_the_f1_of_the_fold_average(ratio: float) -> Non
         y, folds, P, yt, PT = simulate(ratio, seed, own=1.2)
         oof, params = calibrate_oof(P[np.arange(len(y)), folds][:, None], y, folds, "platt")
         per_fold = np.stack([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])])
-        truth = best_threshold(yt, per_fold.mean(axis=0))[1]
+        truth = best_threshold(yt, fold_average(per_fold))[1]
         shaped, spread = fold_mean_oof(oof[:, 0], y, per_fold)
         assert spread["disagreement_real"] > 0 and spread["k"] == 5
         raw_gap.append(abs(nested_threshold_f1(y, oof[:, 0], folds)["mean"] - truth))
@@ -87,6 +88,25 @@ def test_fold_mean_oof_estimates_the_f1_of_the_fold_average(ratio: float) -> Non
     assert np.mean(shaped_gap) < 0.5 * np.mean(raw_gap) and np.mean(shaped_gap) < 0.04, (raw_gap, shaped_gap)
     same, _ = fold_mean_oof(oof[:, 0], y, per_fold[:1])  # one fold model: nothing is averaged away
     np.testing.assert_allclose(same, np.clip(oof[:, 0], 1e-7, 1 - 1e-7))
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1])
+def test_the_shaped_threshold_fits_the_log_odds_fold_average_not_the_probability_mean(ratio: float) -> None:
+    """fold_mean_oof models the fold average in log-odds; on the probability mean of the same fold
+    models its threshold is misplaced at low prevalence (one fold model's vote lifts a real image)."""
+    log_odds, prob_mean, best = [], [], []
+    for seed in range(6):
+        y, folds, P, yt, PT = simulate(ratio, seed)
+        oof, params = calibrate_oof(P[np.arange(len(y)), folds][:, None], y, folds, "platt")
+        per_fold = np.stack([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])])
+        thr, _ = best_threshold(y, fold_mean_oof(oof[:, 0], y, per_fold)[0])
+        log_odds.append(f1_at(yt, fold_average(per_fold), thr))
+        prob_mean.append(f1_at(yt, per_fold.mean(axis=0), thr))
+        best.append(best_threshold(yt, fold_average(per_fold))[1])
+    assert np.mean(log_odds) > np.mean(prob_mean) + 0.01, (log_odds, prob_mean)
+    assert np.mean(log_odds) > np.mean(best) - 0.03, (log_odds, best)
+    np.testing.assert_allclose(fold_average(np.array([[0.5, 0.9], [0.5, 0.1]])), [0.5, 0.5])
+    assert fold_average(np.array([[0.5], [1e-3]]))[0] == pytest.approx(1 / (1 + np.sqrt(999)))
 
 
 def test_rate_threshold_predicts_that_share_fake() -> None:
