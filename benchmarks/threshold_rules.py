@@ -17,8 +17,12 @@ same submission probabilities, and each is scored against the test labels:
 - conf0.9, conf0.99: foldmean with each class's disagreement measured only on test images whose class
   posterior passes the cut.
 
-It also prints the label-free class disagreements next to the ones the test labels give. The figures
-of docs/benchmarks.md ("The estimate against the real test F1", part 5) come from this script.
+It also prints the label-free class disagreements next to the ones the test labels give, and with
+``--tails`` the class tails of the shaped OOF against the test's fold average (log-odds and
+probability mean, split by the test labels). The figures
+of docs/benchmarks.md ("The estimate against the real test F1", parts 5 and 7) come from this script;
+the submission probabilities are whatever the checked-out ``ensemble.py`` writes (part 5: the
+probability mean of the fold models, part 7: their log-odds mean).
 """
 
 from __future__ import annotations
@@ -100,8 +104,10 @@ def rules(y: np.ndarray, p_oof: np.ndarray, T: np.ndarray, shaped: np.ndarray, p
     return out
 
 
-def one_case(root: Path, case: str, data: str) -> str:
-    """Run ensemble.py --mode test on one case and score every rule against its test labels."""
+def one_case(root: Path, case: str, data: str, tails: bool = False) -> tuple[str, dict[str, float]]:
+    """Run ensemble.py --mode test on one case and score every rule against its test labels.
+
+    Returns (a printable line, each rule's loss against the test's best threshold)."""
     seen, real = [], cal.fold_mean_oof
 
     def watch(p_oof: np.ndarray, y: np.ndarray, p_test_folds: np.ndarray, **kw: int) -> tuple:
@@ -126,23 +132,61 @@ def one_case(root: Path, case: str, data: str) -> str:
     yt, p = truth.label.to_numpy(), probs.loc[truth.name].prob.to_numpy()
     best = best_threshold(yt, p)
     vt = _lg(T).var(0, ddof=1)  # T is in the test label file's order, as the truth file is
-    scores = " ".join(f"{k}={f1_at(yt, p, v):.4f}@{v:.3f}" for k, v in rules(y, p_oof, T, shaped, p).items())
-    return (
+    if tails:
+        line_tails = _tails(y, shaped, yt, T)
+    placed = rules(y, p_oof, T, shaped, p)
+    scores = " ".join(f"{k}={f1_at(yt, p, v):.4f}@{v:.3f}" for k, v in placed.items())
+    line = (
         f"{case} {scores} | best={best[1]:.4f}@{best[0]:.3f} | disagreement real/fake label-free "
         f"{spread['disagreement_real']:.2f}/{spread['disagreement_fake']:.2f}, "
         f"from the labels {vt[yt == 0].mean():.2f}/{vt[yt == 1].mean():.2f}"
     )
+    if tails:
+        line += "\n" + line_tails
+    return line, {k: best[1] - f1_at(yt, p, v) for k, v in placed.items()}
+
+
+def _tails(y: np.ndarray, shaped: np.ndarray, yt: np.ndarray, T: np.ndarray) -> str:
+    """Log-odds quantiles of the real class's upper tail and the fake class's lower tail: the shaped
+    OOF against the test set's fold average, averaged in log-odds and in probability; and the best
+    test F1 each average can reach."""
+    qs = (0.9, 0.95, 0.99, 0.995)
+    rows = {
+        "shaped OOF": (shaped, y),
+        "test, log-odds mean": (cal.fold_average(T), yt),
+        "test, probability mean": (T.mean(axis=0), yt),
+    }
+    out = []
+    for name, (p, lab) in rows.items():
+        real = np.quantile(_lg(p[lab == 0]), qs)
+        fake = np.quantile(_lg(p[lab == 1]), [1 - q for q in qs])
+        out.append(
+            f"  {name:>22}: real q{'/'.join(f'{q:g}' for q in qs)} {' '.join(f'{v:6.2f}' for v in real)}"
+            f" | fake q{'/'.join(f'{1 - q:.3g}' for q in qs)} {' '.join(f'{v:6.2f}' for v in fake)}"
+        )
+    means = (("log-odds", cal.fold_average(T)), ("probability", T.mean(axis=0)))
+    best = {k: best_threshold(yt, v) for k, v in means}
+    out.append("  best test F1: " + ", ".join(f"{k} mean {f:.4f}@{t:.3f}" for k, (t, f) in best.items()))
+    return "\n".join(out)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cases", nargs="+", help="work_CASE folders under --root")
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench_est"))
+    parser.add_argument("--tails", action="store_true", help="also print each class's tail quantiles")
     args = parser.parse_args()
+    losses: dict[str, list[float]] = {}
     for case in args.cases:
         data = case.split("_cur")[0].split("_ema")[0]
         data = data.removesuffix("_loss").removesuffix("_last")
-        print(one_case(args.root, case, data), flush=True)
+        line, loss = one_case(args.root, case, data, args.tails)
+        print(line, flush=True)
+        for rule, v in loss.items():
+            losses.setdefault(rule, []).append(v)
+    print(f"loss against each case's best test threshold, over {len(args.cases)} cases:")
+    for rule, v in losses.items():
+        print(f"  {rule:>13}: mean {np.mean(v):.4f}  worst {max(v):.4f}")
     return 0
 
 

@@ -125,9 +125,9 @@ def fold_average(p_folds: Any) -> np.ndarray:
     the fold models' logits (signal plus K deviations), and the threshold is placed on that model.
     A probability mean is another distribution, skewed where the fold models disagree: one fold
     model at 0.5 among four at 0.001 lifts a real image to 0.1 (log-odds -2.2, not -5.4), which
-    fattens the real class's upper tail exactly where a low-prevalence threshold sits. On the
-    benchmark runs at fake ratio 0.1 the foldmean threshold lost 0.002-0.010 F1 to the test's best
-    threshold on the probability mean and 0.001-0.003 on the log-odds mean, whose own best F1 was as
+    fattens the real class's upper tail exactly where a low-prevalence threshold sits. On four
+    benchmark runs at fake ratio 0.1 the foldmean threshold lost 0.002-0.034 F1 to the test's best
+    threshold on the probability mean and 0.001-0.004 on the log-odds mean, whose own best F1 was as
     high (docs/benchmarks.md, "The estimate against the real test F1", part 7).
     """
     T = _logit(p_folds)

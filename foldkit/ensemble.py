@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 #: Largest gap between the OOF's and the submission's predicted fake rates that passes without a warning.
 RATE_GAP = 0.02
 #: The default test threshold fit (``foldkit.calibrate.TEST_THRESHOLD_FITS``): fitted on OOF scores
-#: shaped like the fold average the submission is (``fold_mean_oof``); on the benchmark runs whose fold
-#: models learn the task it lost the least test F1 against each run's best threshold of the three fits
-#: (0.005 on average against pooled's 0.009 and rate's 0.020), but up to 0.011 at fake ratio 0.1, where it
-#: sits below the optimum in two of three runs; with near-chance fold models it was worse than pooled (a
-#: warning says so: report.WEAK_GAIN; docs/benchmarks.md, "The estimate against the real test F1").
+#: shaped like the fold average the submission is (``fold_mean_oof``; the log-odds mean of the fold
+#: pipelines, ``fold_average``); on the benchmark runs whose fold models learn the task it lost the least
+#: test F1 against each run's best threshold of the three fits (0.003 on average, worst 0.009, against
+#: pooled's 0.009 and rate's 0.020); with near-chance fold models the estimate is rough (a warning says
+#: so: report.WEAK_GAIN; docs/benchmarks.md, "The estimate against the real test F1", part 7).
 THRESHOLD_FIT = "foldmean"
 
 
