@@ -84,7 +84,11 @@ def conf_shape(p_oof: np.ndarray, y: np.ndarray, T: np.ndarray, cut: float) -> n
         l1 = stats.norm.logpdf(m, mu[1], np.sqrt(after[1])) + np.log(prior)
         l0 = stats.norm.logpdf(m, mu[0], np.sqrt(after[0])) + np.log(1 - prior)
         w1 = special.expit(l1 - l0)
-        s2 = [vi[w1 < 1 - cut].mean(), vi[w1 > cut].mean()]
+        sure = (w1 < 1 - cut, w1 > cut)  # none may pass with near-chance models: then all, weighted
+        s2 = [
+            vi[sure[c]].mean() if sure[c].any() else np.average(vi, weights=w1 if c else 1 - w1)
+            for c in (0, 1)
+        ]
         after = [max(var[c] - s2[c] * (1 - 1 / k), 0.05 * var[c]) for c in (0, 1)]
     return _shrink(x, y, [s2[c] * (1 - 1 / k) for c in (0, 1)])
 
