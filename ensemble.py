@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("foldmean", "pooled", "rate"),
         default=None,
         help="foldmean: fitted on OOF scores shaped like the fold average the submission is (the least "
-        "F1 lost on average in docs/benchmarks.md, 0.003, at most 0.009); pooled: the "
+        "F1 lost on average over docs/benchmarks.md's eight runs, 0.003, at most 0.009); pooled: the "
         "best-F1 threshold of the calibrated OOF, as is; rate: "
         "the test threshold predicts the OOF's fake rate at it (better when the test's fake ratio is "
         "the training one, much worse when not) (default: foldkit.ensemble.THRESHOLD_FIT, foldmean)",

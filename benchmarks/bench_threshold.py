@@ -4,13 +4,15 @@
 
 Five fold models of differing scale and bias (``foldkit.calibrate.simulate``): each OOF row comes from
 one of them, each test probability is their mean. For each fake ratio it prints the submission's test
-F1 (mean over seeds) with the threshold placed four ways, and at the best test threshold (oracle):
+F1 (mean over seeds) with the threshold placed six ways, and at the best test threshold (oracles):
 pooled (the OOF best-F1 threshold as is), rate (the test threshold that predicts the OOF's fake rate),
 platt (each fold model Platt-calibrated on its own OOF before averaging), platt+rate, platt+foldmean
 (the threshold fitted on OOF shaped like a fold mean, ``foldkit.calibrate.fold_mean_oof``). These
 average the fold models' probabilities, as the issue's simulation did; ``logodds+foldmean`` is what
-``ensemble.py --mode test`` does now: the same shaped threshold on the fold models' log-odds mean
-(``foldkit.calibrate.fold_average``), with its own oracle (``oracle_logodds``).
+``ensemble.py --mode test`` does now: the same shaped threshold on the calibrated fold models'
+log-odds mean (``foldkit.calibrate.fold_average``). Oracles: ``oracle`` on the raw probability mean
+(the pooled and rate ways' submission), ``oracle_platt`` on the calibrated probability mean,
+``oracle_logodds`` on the calibrated log-odds mean.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from foldkit.calibrate import (
 )
 
 WAYS = ("pooled", "rate", "platt", "platt+rate", "platt+foldmean", "logodds+foldmean")
-ORACLES = ("oracle", "oracle_logodds")
+ORACLES = ("oracle", "oracle_platt", "oracle_logodds")
 
 
 def one(ratio: float, seed: int, own: float) -> dict[str, float]:
@@ -41,6 +43,7 @@ def one(ratio: float, seed: int, own: float) -> dict[str, float]:
     per_fold = np.stack([apply_platt(PT[:, f], params[f][0]) for f in range(PT.shape[1])])
     test_cal = per_fold.mean(axis=0)
     out = {"oracle": best_threshold(yt, PT.mean(axis=1))[1]}
+    out["oracle_platt"] = best_threshold(yt, test_cal)[1]
     out["oracle_logodds"] = best_threshold(yt, fold_average(per_fold))[1]
     shaped, _ = fold_mean_oof(cal[:, 0], y, per_fold)
     shaped_thr, _ = best_threshold(y, shaped)

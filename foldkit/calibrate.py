@@ -1,6 +1,6 @@
 """Put the threshold where the submission's probabilities live (issue 10).
 
-Each OOF row comes from ONE fold model; each test probability is the MEAN of K fold models. When the
+Each OOF row comes from ONE fold model; each test probability is the AVERAGE of K fold models. When the
 fold models differ in scale and bias (they stop at different epochs, see different data), the pooled
 OOF is a mixture of K calibrations while the test mean is a narrower distribution of another shape,
 and a threshold tuned on the first is misplaced on the second. Two remedies, measured in
@@ -177,8 +177,9 @@ def simulate(
     """The issue's simulation: ``k`` fold models of differing scale and bias over one latent score.
 
     Returns (y_oof, folds, P_oof (n, k): every model's prediction of every OOF row, y_test,
-    P_test (n, k)). The OOF a real run sees is ``P_oof[i, folds[i]]``; the submission is the row
-    mean of ``P_test``. Used by the tests and the threshold benchmark.
+    P_test (n, k)). The OOF a real run sees is ``P_oof[i, folds[i]]``; the issue's submission was the
+    row mean of ``P_test`` (``ensemble.py`` now averages log-odds: ``fold_average``). Used by the
+    tests and the threshold benchmark.
     """
     rng = np.random.default_rng(seed)
     scale, bias = rng.uniform(0.5, 2.0, k), rng.normal(0.0, 1.0, k)

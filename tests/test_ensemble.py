@@ -371,3 +371,25 @@ def test_lost_folds_json_is_named_with_the_retrain_command(
     err = capsys.readouterr().err
     assert f"{trained_copy / 'folds/folds.json'} is missing" in err and "foldkit.folds" not in err
     assert f"--exp demo --data-dir {tiny_data} --work-dir {trained_copy} --fold all" in err
+
+
+def test_fold_pipelines_blend_each_fold_and_keep_rank_scores_in_the_oof_range() -> None:
+    from foldkit.blend import fit_blend
+    from foldkit.calibrate import fold_average
+    from foldkit.ensemble import fold_pipelines
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.3).astype(int)
+    P = np.clip(0.5 * y[:, None] + rng.random((400, 2)) * 0.5, 0.01, 0.99)
+    top = np.array([0.999, 0.999])  # one test image above every OOF score of both models
+    folds_cal = [[np.r_[top[j], 0.5] if f == 0 else np.r_[0.3, 0.5] for f in range(3)] for j in range(2)]
+    rank = fit_blend(P, y, "rank")
+    oof = rank.apply(P)
+    per_fold = fold_pipelines(rank, folds_cal, oof)
+    assert per_fold.shape == (3, 2)
+    assert per_fold[0, 0] == pytest.approx(oof.max()) and oof.max() < 1.0  # not exactly 1
+    unclipped = np.stack([rank.apply(np.column_stack([c[f] for c in folds_cal])) for f in range(3)])
+    assert unclipped[0, 0] == 1.0
+    assert fold_average(per_fold)[0] < fold_average(unclipped)[0] - 0.1  # one fold no longer outvotes
+    mean = fit_blend(P, y, "mean")  # a probability blend is left as it is, beyond the OOF range too
+    np.testing.assert_allclose(fold_pipelines(mean, folds_cal, mean.apply(P))[0], [0.999, 0.5])
