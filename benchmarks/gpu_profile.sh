@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_profile.sh OUT_DIR
 # efficientnet_b0 at 112 px, batch 128 (bf16, channels_last: configs/default.yaml), STEPS batches per
 # epoch (40: reading a profile costs time per event, some 15,000 a step; summary's processing_s says
-# how long it took), epoch 2 of 3 profiled, then as many steps of the same trainer's bare step; three
+# how long it took), epoch 2 of 3 profiled, then as many steps of the same trainer's bare step; four
 # runs, each in its own process:
 #   recipe   the default recipe (EMA, grad clipping, dropout, drop path), with chrome traces
 #   lean     the recipe's extras off
-#   compile  the recipe with train.compile=true, when the time left allows it
+#   cudagraphs  the recipe with train.compile=true, train.compile_mode=reduce-overhead (CUDA graphs)
+#   compile  the recipe with train.compile=true (default mode), when the time left allows it
 # OUT_DIR gets few, small files (easy to copy off a rented box): summary_<run>.json per run, the
 # recipe's traces gzipped, and profiles.tar.gz with every run's folder (report.txt, host_ops*.txt,
 # summary.json, run.log). The reports are printed as each run ends.
@@ -65,6 +66,7 @@ profile() {
 profile recipe --trace
 profile lean --set train.ema=false --set train.grad_clip=null --set train.drop_rate=null \
   --set train.drop_path_rate=null
+profile cudagraphs --set train.compile=true --set train.compile_mode=reduce-overhead
 profile compile --set train.compile=true
 
 # pack: the traces gzipped (left in SCRATCH when over 16 MiB gzipped), the rest in one tarball
@@ -78,7 +80,7 @@ for trace in trace trace_bare; do
     echo "$trace: $((size / 1048576)) MiB gzipped, too large to bring back: left in $scratch"
   fi
 done
-runs=$(cd "$scratch" && ls -d recipe lean compile 2>/dev/null)
+runs=$(cd "$scratch" && ls -d recipe lean cudagraphs compile 2>/dev/null)
 [ -n "$runs" ] && tar czf "$out/profiles.tar.gz" -C "$scratch" $runs
 ls -l "$out"
 echo "done in ${SECONDS} s"

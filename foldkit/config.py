@@ -91,6 +91,9 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16), bf16, fp16, none; CPU: always none
     channels_last: bool = True  # NHWC tensors: faster convolutions on GPUs and, measured, on CPUs too
     compile: bool = False  # torch.compile the model
+    # torch.compile's mode when compile is on: reduce-overhead records CUDA graphs, one launch for the
+    # step's many kernels, for small models whose step is bound by the host launching them
+    compile_mode: str = "default"
     ema: bool = True  # keep an EMA of the weights; validate and save the EMA weights
     ema_decay: float = 0.999
     label_smoothing: float = 0.0  # targets become y*(1-s) + s/2
@@ -141,6 +144,7 @@ SHORTCUTS = {
 _CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.metric": ("f1", "auc", "loss", "last"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.on_bad_image": ("error", "skip"),
 }
 TTA_NAMES = ("none", "hflip", "vflip", "d4", "rot90")

@@ -388,7 +388,7 @@ def _make_trainer(
     )
     ema = CachedEma(model, decay=tc.ema_decay, use_warmup=True) if tc.ema else None
     if tc.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=tc.compile_mode)
     dtype = amp_dtype(cfg, device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -83,6 +83,7 @@ def test_unknown_yaml_key_names_file_and_closest_key(tmp_path: Path) -> None:
         ("train.epochs=1.5", "train.epochs"),
         ("train.ema=1", "train.ema"),
         ("train.amp=fp8", "train.amp"),
+        ("train.compile_mode=fast", "train.compile_mode"),
         ("tta=[hflip, spin]", "tta"),
         ("data.k=1", "data.k"),
         ("train.pos_weight=heavy", "pos_weight"),

@@ -438,3 +438,22 @@ def test_warm_up_draws_no_random_numbers() -> None:
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch) -> None:
+    """train.compile_mode=reduce-overhead (CUDA graphs for host-bound small models) is what
+    torch.compile is asked for; compile off compiles nothing."""
+    import timm
+
+    from foldkit.config import RunConfig
+    from foldkit.train import _make_trainer
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    cfg = RunConfig(backbones=["test_resnet"], pretrained=False, device="cpu")
+    model = timm.create_model("test_resnet", num_classes=1)
+    _make_trainer(cfg, model, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0)
+    assert seen == []
+    cfg.train.compile, cfg.train.compile_mode = True, "reduce-overhead"
+    _make_trainer(cfg, model, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0)
+    assert seen == ["reduce-overhead"]
