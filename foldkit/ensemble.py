@@ -401,6 +401,9 @@ def fit(opts: Options) -> Fitted:
         "best_single": choice["best_single"],
         "oof_positive_rate": oof_rate,
         "calibration": opts.calibration,
+        # fold -> model -> (slope, intercept): with the cached test_fold<k>.csv files, the submission's
+        # probabilities can be recomputed by hand (blend each fold, then fold_average)
+        "platt": {str(f): dict(zip(keys, map(list, ps), strict=True)) for f, ps in calibration.items()},
         "threshold_fit": opts.threshold_fit,
         "left_out": oof.left_out,
         "tta": tta,

@@ -18,6 +18,7 @@ from scipy import special
 
 import ensemble
 from foldkit import PROJECT_ROOT
+from foldkit.calibrate import apply_platt
 from foldkit.cli import run
 from foldkit.data import read_test
 from foldkit.submission import read_submission
@@ -67,6 +68,18 @@ def test_test_mode_writes_a_valid_submission_from_the_oof_fitted_blend(
     per_model = probs[["prob_test_efficientnet", "prob_test_convnext"]].to_numpy().T
     model_log_odds = special.logit(np.clip(fold_probs, 1e-7, 1 - 1e-7)).mean(axis=1)
     np.testing.assert_allclose(per_model, special.expit(model_log_odds), atol=2e-7)
+    # the default: each fold model through the Platt map fitted on its own OOF rows, recorded per fold
+    assert _ensemble(trained_copy, tiny_data, "--mode", "test", "--blend", "mean") == 0
+    platt = json.loads((trained_copy / "oof/demo/report.json").read_text())["blend"]["platt"]
+    assert set(platt) == {"0", "1"}
+    assert any(v != [1.0, 0.0] for fold in platt.values() for v in fold.values())  # not all identity
+    calibrated = [
+        [apply_platt(fold_probs[j][k], platt[str(k)][bb]) for k in (0, 1)]
+        for j, bb in enumerate(("test_efficientnet", "test_convnext"))
+    ]
+    log_odds = special.logit(np.clip(np.mean(calibrated, axis=0), 1e-7, 1 - 1e-7))
+    probs = pd.read_csv(trained_copy / "submissions/demo/probs.csv", dtype={"name": str})
+    np.testing.assert_allclose(probs.prob, special.expit(log_odds.mean(axis=0)), atol=2e-7)
     report = json.loads((trained_copy / "oof/demo/report.json").read_text())
     threshold = report["blend"]["test_threshold"]  # the one applied (default --threshold-fit foldmean)
     # probs.csv keeps 8 decimals
