@@ -44,11 +44,12 @@ def one(ratio: float, seed: int, own: float) -> dict[str, float]:
     test_cal = per_fold.mean(axis=0)
     out = {"oracle": best_threshold(yt, PT.mean(axis=1))[1]}
     out["oracle_platt"] = best_threshold(yt, test_cal)[1]
-    out["oracle_logodds"] = best_threshold(yt, fold_average(per_fold))[1]
+    test_logodds = fold_average(per_fold)  # the submission ensemble.py writes
+    out["oracle_logodds"] = best_threshold(yt, test_logodds)[1]
     shaped, _ = fold_mean_oof(cal[:, 0], y, per_fold)
     shaped_thr, _ = best_threshold(y, shaped)
     out["platt+foldmean"] = f1_at(yt, test_cal, shaped_thr)
-    out["logodds+foldmean"] = f1_at(yt, fold_average(per_fold), shaped_thr)
+    out["logodds+foldmean"] = f1_at(yt, test_logodds, shaped_thr)
     for way in WAYS[:-2]:
         o, t = (cal[:, 0], test_cal) if way.startswith("platt") else (oof, PT.mean(axis=1))
         thr, _ = place_threshold(y, o, t, "rate" if way.endswith("rate") else "pooled")
