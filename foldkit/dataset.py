@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from foldkit.store import resolve_workers
+from foldkit.store import one_thread_per_worker, resolve_workers
 
 Item = tuple[torch.Tensor, torch.Tensor, int]  # one image: (uint8 HxWx3, float32 label, index)
 
@@ -194,7 +194,7 @@ def make_loader(
 
     ``shard``: (rank, world size) under DDP, this process's share of the batches
     (``EpochBatchSampler``). Workers persist across epochs (no re-spawn per epoch or per validation
-    pass).
+    pass) and run OpenCV single-threaded (``one_thread_per_worker``).
     """
     workers = resolve_workers(workers)
     rank, world = shard
@@ -209,4 +209,5 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         collate_fn=collate,
+        worker_init_fn=one_thread_per_worker if workers > 0 else None,
     )

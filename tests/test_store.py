@@ -282,6 +282,35 @@ def test_augmented_batches_do_not_depend_on_workers(data: Path) -> None:
     assert not torch.equal(main_process, _augmented_epoch(data, 0, epoch=3))
 
 
+class _ThreadProbe(torch.utils.data.Dataset):
+    """Each batch reports how many threads OpenCV may use in the process that made it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitems__(self, keys: list) -> tuple:
+        import cv2
+
+        return (torch.tensor([cv2.getNumThreads()]),)
+
+
+def test_loader_workers_and_store_pool_run_opencv_single_threaded(data: Path) -> None:
+    """OpenCV's own pool in every worker would oversubscribe the cores the workers already fill."""
+    import cv2
+
+    cv2.setNumThreads(2)  # the main process keeps its own setting
+    try:
+        (threads,) = next(iter(make_loader(_ThreadProbe(), 4, shuffle=False, workers=1, seed=0)))
+        assert threads.tolist() == [1] and cv2.getNumThreads() == 2
+        (threads,) = next(iter(make_loader(_ThreadProbe(), 4, shuffle=False, workers=0, seed=0)))
+        assert threads.tolist() == [2]  # no workers: nothing to limit
+        cv2.setNumThreads(2)
+        store_mod._init_worker(None, str(data), (32, 32))  # the store pool's initializer
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(-1)
+
+
 def test_uint8_items_on_the_wire(data: Path, tmp_path: Path) -> None:
     index = read_trainval(data)
     src = ensure_store(data, tmp_path, index, "trainval").source(index.path.tolist())
