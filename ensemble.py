@@ -29,7 +29,7 @@ BLEND_METHODS = ("mean", "rank", "logit", "weighted")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every option of ensemble.py, with its default in --help."""
+    """Every option of ensemble.py, with its default in --help, in groups a user scans by task."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--mode",
@@ -39,14 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_path_args(p)
     p.add_argument("--exp", default="default", help="experiment(s) to blend, comma-separated")
-    p.add_argument(
+    p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
+    _add_blend(p.add_argument_group("blend and model choice"))
+    _add_threshold(p.add_argument_group("calibration and threshold"))
+    _add_inference(p.add_argument_group("test predictions"))
+    return p
+
+
+def _add_blend(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--blend",
         choices=("auto", *BLEND_METHODS),
         default="auto",
         help="blend method; auto: every single model, these blends and Caruana selection are candidates, "
         "and the simplest one stays unless another wins (see --select-by)",
     )
-    p.add_argument(
+    g.add_argument(
         "--blend-objective",
         "--blend_objective",
         dest="objective",
@@ -54,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="logloss",
         help="weighted blend: what the weights optimise (auc needs --blend-solver hill)",
     )
-    p.add_argument(
+    g.add_argument(
         "--blend-solver",
         "--blend_solver",
         dest="solver",
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="scipy",
         help="weighted blend: scipy (SLSQP on log-loss) or hill (greedy hill climbing, Caruana)",
     )
-    p.add_argument(
+    g.add_argument(
         "--noise-z",
         "--noise_z",
         dest="noise_z",
@@ -71,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="blend auto: a more complex candidate replaces a simpler one only if its nested-CV gain "
         "exceeds this many standard errors across folds (default: foldkit.select.NOISE_Z)",
     )
-    p.add_argument(
+    g.add_argument(
         "--select-by",
         "--select_by",
         dest="select_by",
@@ -81,14 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         "log-loss (smoother; docs/benchmarks.md), or logloss+f1: that log-loss win and a strictly higher "
         "mean F1 (default: foldkit.select.SELECT_BY, logloss+f1)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--allow-partial",
+        "--allow_partial",
+        dest="allow_partial",
+        action="store_true",
+        help="blend only models with every fold, naming those left out",
+    )
+
+
+def _add_threshold(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--calibration",
         choices=("platt", "none"),
         default="platt",
         help="calibrate each fold model on its own OOF before blending and fold-averaging (issue 10: "
         "the threshold then fits the averaged test probabilities; docs/benchmarks.md)",
     )
-    p.add_argument(
+    g.add_argument(
         "--threshold-fit",
         "--threshold_fit",
         dest="threshold_fit",
@@ -100,20 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the test threshold predicts the OOF's fake rate at it (better when the test's fake ratio is "
         "the training one, much worse when not) (default: foldkit.ensemble.THRESHOLD_FIT, foldmean)",
     )
-    p.add_argument(
+
+
+def _add_inference(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--tta",
         default=None,
         help=f"TTA for test (and OOF, re-predicted if it differs): {', '.join(TTA_NAMES)} or a "
         "comma list; default: the TTA the OOF files were made with",
     )
-    p.add_argument(
-        "--allow-partial",
-        "--allow_partial",
-        dest="allow_partial",
-        action="store_true",
-        help="blend only models with every fold, naming those left out",
-    )
-    p.add_argument(
+    g.add_argument(
         "--prediction_file",
         "--prediction-file",
         dest="prediction_file",
@@ -121,16 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test mode: also write a copy of prediction.txt here (default: no copy)",
     )
-    p.add_argument("--device", default="auto", help="inference device for test predictions")
-    p.add_argument("--batch", type=int, default=256, help="inference batch size")
-    p.add_argument(
+    g.add_argument("--device", default="auto", help="inference device for test predictions")
+    g.add_argument("--batch", type=int, default=256, help="inference batch size")
+    g.add_argument(
         "--workers",
         type=int,
         default=None,
         help="DataLoader workers for inference (default: one per CPU core)",
     )
-    p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
-    return p
 
 
 def tta_names(text: str) -> list[str]:

@@ -39,23 +39,35 @@ def _code_default(key: str) -> object:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every option of main.py, with its default in --help."""
+    """Every option of main.py, with its default in --help, in groups a user scans by task."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--config", default="configs/default.yaml", help="YAML config (relative: cwd, then project)"
     )
     add_path_args(p)
     p.add_argument("--exp", default=None, help="experiment name (default: the config file's stem)")
-    p.add_argument("--fold", default="all", help="folds to train: 0 | 0,2 | 0..4 | all")
-    p.add_argument(
+    p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
+    _add_selection(p.add_argument_group("what to train"))
+    _add_settings(p.add_argument_group("settings (on top of the config)"))
+    _add_run_control(p.add_argument_group("reruns, resume and parallel jobs"))
+    _add_test_mode(p.add_argument_group("test mode (the seed's command)"))
+    return p
+
+
+def _add_selection(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--fold", default="all", help="folds to train: 0 | 0,2 | 0..4 | all")
+    g.add_argument(
         "--backbones",
         default=None,
         help="comma-separated timm names, replacing the config's list (default: the config's list)",
     )
-    p.add_argument(
+    g.add_argument(
         "--model", default=None, help="train only this backbone of the list (default: every backbone)"
     )
-    p.add_argument(
+
+
+def _add_settings(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -65,15 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, key in SHORTCUTS.items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])  # --img-size first
-        p.add_argument(
+        g.add_argument(
             *flags,
             dest=name,
             default=None,
             help=f"shortcut for {key} (code default: {_code_default(key)}; the config's value when "
             "not given)",
         )
-    p.add_argument("--refold", action="store_true", help="rebuild folds/folds.csv even if it matches")
-    resume = p.add_mutually_exclusive_group()
+
+
+def _add_run_control(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--refold", action="store_true", help="rebuild folds/folds.csv even if it matches")
+    resume = g.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume",
         dest="resume",
@@ -87,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="train unfinished folds from scratch, replacing their checkpoints (default: resume)",
     )
-    p.add_argument(
+    g.add_argument(
         "--save-every",
         type=int,
         default=None,
@@ -95,43 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save last.pt every N training batches, for a mid-epoch resume of long epochs "
         "(default: at the end of each epoch only)",
     )
-    p.add_argument(
+    g.add_argument(
         "--force",
         action="store_true",
         help="train folds from scratch even when their OOF files are finished and current "
         "(default: skip them)",
     )
-    p.add_argument(
-        "--mode",
-        choices=("train", "test"),
-        default="train",
-        help="train folds, or (seed-compatible) predict the test set with --model_name",
-    )
-    p.add_argument(
-        "--model_name",
-        "--model-name",
-        dest="model_name",
-        default=None,
-        help="test mode: a checkpoint written by foldkit (best.pt, last.pt or a copy like 1.pth); "
-        "no default, --mode test requires it",
-    )
-    p.add_argument(
-        "--prediction_file",
-        "--prediction-file",
-        dest="prediction_file",
-        default="prediction.txt",
-        help="test mode: where to write `name label` lines",
-    )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="test mode: decision threshold (default: the checkpoint's validated best-F1 threshold)",
-    )
-    p.add_argument(
-        "--tta", default=None, help="test mode: TTA (none, hflip, d4, ...; default: the checkpoint's)"
-    )
-    p.add_argument(
+    g.add_argument(
         "--devices",
         default=None,
         metavar="DEV,DEV",
@@ -139,8 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
         "its own main.py process and log: cuda:0,cuda:1 | cuda:0,cuda:0 | cpu,cpu (default: none, one "
         "job after another in this process)",
     )
-    p.add_argument("--verbose", action="store_true", help="debug-level log lines on the console")
-    return p
+
+
+def _add_test_mode(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--mode",
+        choices=("train", "test"),
+        default="train",
+        help="train folds, or (seed-compatible) predict the test set with --model_name",
+    )
+    g.add_argument(
+        "--model_name",
+        "--model-name",
+        dest="model_name",
+        default=None,
+        help="test mode: a checkpoint written by foldkit (best.pt, last.pt or a copy like 1.pth); "
+        "no default, --mode test requires it",
+    )
+    g.add_argument(
+        "--prediction_file",
+        "--prediction-file",
+        dest="prediction_file",
+        default="prediction.txt",
+        help="test mode: where to write `name label` lines",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="test mode: decision threshold (default: the checkpoint's validated best-F1 threshold)",
+    )
+    g.add_argument(
+        "--tta", default=None, help="test mode: TTA (none, hflip, d4, ...; default: the checkpoint's)"
+    )
 
 
 def resolve_config_path(text: str) -> Path:
@@ -363,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run train or (seed-compatible) test mode."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    # torchrun's variables read here rather than through foldkit.distributed, which imports torch:
+    # --help and the preflight errors answer before torch is loaded
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and rank > 0:  # torchrun: rank 0 logs for the run; the others only their errors
         logging.getLogger("foldkit").setLevel(logging.ERROR)
