@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from foldkit.store import one_thread_per_worker, resolve_workers
+from foldkit.store import opencv_for_workers, resolve_workers
 
 Item = tuple[torch.Tensor, torch.Tensor, int]  # one image: (uint8 HxWx3, float32 label, index)
 
@@ -194,9 +194,11 @@ def make_loader(
 
     ``shard``: (rank, world size) under DDP, this process's share of the batches
     (``EpochBatchSampler``). Workers persist across epochs (no re-spawn per epoch or per validation
-    pass) and run OpenCV single-threaded (``one_thread_per_worker``).
+    pass) and run OpenCV single-threaded (``opencv_for_workers``, set before they fork).
     """
     workers = resolve_workers(workers)
+    if workers > 0:
+        opencv_for_workers()
     rank, world = shard
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last, rank, world)
     if len(sampler) == 0 and world == 1:  # fewer images than one batch: keep the partial batch
@@ -209,5 +211,4 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         collate_fn=collate,
-        worker_init_fn=one_thread_per_worker if workers > 0 else None,
     )

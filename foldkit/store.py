@@ -70,12 +70,13 @@ def resolve_workers(workers: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def one_thread_per_worker(*_: object) -> None:
-    """Worker-process set-up (DataLoader ``worker_init_fn``, store pool initializer): OpenCV runs
-    sequentially. The workers already fill the cores; OpenCV's own pool would add one thread per core
-    in every worker (256 threads for 16 workers on 16 cores), all competing with the main process's
-    thread that launches the GPU's work. Albumentations' performance guide gives the same rule for
-    DataLoader workers; torch already sets its own threads to one there. Results do not change."""
+def opencv_for_workers() -> None:
+    """Run OpenCV sequentially, in this process and in the worker processes it forks next (DataLoader
+    workers, the store pool). The workers already fill the cores; OpenCV's own pool would add one
+    thread per core in every worker (256 threads for 16 workers on 16 cores), all competing with the
+    thread that launches the GPU's work. Albumentations' performance guide gives the same rule. Set
+    here, before the fork, not inside each worker: reconfiguring OpenCV's thread pool in a forked
+    child deadlocked once here (docs/DESIGN-notes.md). Results do not change, only threads."""
     cv2.setNumThreads(0)
 
 
@@ -132,7 +133,6 @@ _worker_state: dict = {}
 
 def _init_worker(data_path: str | None, root: str, size: tuple[int, int]) -> None:
     """``data_path`` None: decode only (the full check when there is no store)."""
-    one_thread_per_worker()
     fd = None if data_path is None else os.open(data_path, os.O_WRONLY)
     _worker_state.update(fd=fd, root=root, size=size)
 
@@ -182,6 +182,7 @@ def _fill(
             if (fd := _worker_state.pop("fd")) is not None:
                 os.close(fd)
     else:
+        opencv_for_workers()
         with multiprocessing.get_context("fork").Pool(workers, _init_worker, init) as pool:
             for task, found in zip(tasks, pool.imap(_decode_rows, tasks), strict=True):
                 problems += found

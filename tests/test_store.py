@@ -294,19 +294,25 @@ class _ThreadProbe(torch.utils.data.Dataset):
         return (torch.tensor([cv2.getNumThreads()]),)
 
 
-def test_loader_workers_and_store_pool_run_opencv_single_threaded(data: Path) -> None:
-    """OpenCV's own pool in every worker would oversubscribe the cores the workers already fill."""
+def test_loader_workers_and_store_pool_run_opencv_single_threaded(data: Path, tmp_path: Path) -> None:
+    """OpenCV's own pool in every worker would oversubscribe the cores the workers already fill; the
+    setting is made before the workers fork, after the parent has used OpenCV's pool (the case that
+    once deadlocked when it was made inside the workers)."""
     import cv2
 
-    cv2.setNumThreads(2)  # the main process keeps its own setting
     try:
-        (threads,) = next(iter(make_loader(_ThreadProbe(), 4, shuffle=False, workers=1, seed=0)))
-        assert threads.tolist() == [1] and cv2.getNumThreads() == 2
-        (threads,) = next(iter(make_loader(_ThreadProbe(), 4, shuffle=False, workers=0, seed=0)))
-        assert threads.tolist() == [2]  # no workers: nothing to limit
         cv2.setNumThreads(2)
-        store_mod._init_worker(None, str(data), (32, 32))  # the store pool's initializer
-        assert cv2.getNumThreads() == 1
+        image = np.zeros((1024, 1024, 3), np.uint8)
+        cv2.GaussianBlur(cv2.resize(image, (2048, 2048)), (9, 9), 0)  # the parent's pool runs
+        (threads,) = next(iter(make_loader(_ThreadProbe(), 4, shuffle=False, workers=0, seed=0)))
+        assert threads.tolist() == [2]  # no workers: the main process keeps its threads
+        (threads,) = next(iter(make_loader(_ThreadProbe(), 4, shuffle=False, workers=1, seed=0)))
+        assert threads.tolist() == [1]
+        cv2.setNumThreads(2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(store_mod, "_CHUNK", 8)  # several tasks, so the pool really forks
+            ensure_store(data, tmp_path / "w", read_trainval(data), "trainval", workers=2)
+        assert cv2.getNumThreads() == 1  # the store pool's workers inherit it
     finally:
         cv2.setNumThreads(-1)
 
