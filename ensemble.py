@@ -122,6 +122,15 @@ def _add_threshold(g: argparse._ArgumentGroup) -> None:
 
 def _add_inference(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
+        "--on-bad-image",
+        "--on_bad_image",
+        dest="on_bad_image",
+        choices=("error", "skip"),
+        default=None,
+        help="test images that cannot be decoded: error names them all and stops; skip predicts them 0 "
+        "(real), the fallback, with a warning (default: each checkpoint's data.on_bad_image)",
+    )
+    g.add_argument(
         "--tta",
         default=None,
         help=f"TTA for test (and OOF, re-predicted if it differs): {', '.join(TTA_NAMES)} or a "
@@ -180,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         threshold_fit=args.threshold_fit or THRESHOLD_FIT,
         noise_z=args.noise_z,
         select_by=args.select_by,
+        on_bad_image=args.on_bad_image,
     )
-    fitted = fit(opts)
+    fitted = fit(opts, check_test=args.mode == "test")
     if args.mode == "test":
         predict_test(opts, fitted)
     from foldkit.report import estimate_line

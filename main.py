@@ -30,6 +30,7 @@ from foldkit.preflight import check_models, guard_refold, preflight
 log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
 _NONE_MEANS = {"data.workers": "one per CPU core"}  # what a shortcut's null code default does
+_LISTED = 20  # checkpoints named when --model_name is not found
 
 
 def _code_default(key: str) -> object:
@@ -187,6 +188,9 @@ def train(args: argparse.Namespace) -> int:
     cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
     )
+    from foldkit.folds import check_group_regex
+
+    check_group_regex(index.name, cfg.data.group_regex, cfg.data.allow_unmatched)  # before the store
     from foldkit import distributed
     from foldkit.train import fit_fold
 
@@ -300,10 +304,13 @@ def resolve_checkpoint(name: str, work_dir: Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    found = sorted((work_dir / "models").rglob("*.pt"))[:10]
-    listing = "\n  ".join(str(f) for f in found) or "(none: train first with python main.py)"
+    found = sorted((work_dir / "models").rglob("best.pt"))  # last.pt: unfinished or last-epoch weights
+    shown = [str(f) for f in found[:_LISTED]]
+    if len(found) > _LISTED:
+        shown.append(f"... and {len(found) - _LISTED} more")
+    listing = "\n  ".join(shown) or "(none: train first with python main.py)"
     raise FoldkitError(
-        f"--model_name {name}: file not found. Checkpoints under {work_dir / 'models'}:\n  {listing}"
+        f"--model_name {name}: file not found. Best checkpoints under {work_dir / 'models'}:\n  {listing}"
     )
 
 

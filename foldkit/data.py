@@ -243,10 +243,20 @@ def _list_test_folder(data_dir: Path, problems: list[str]) -> _Split | None:
         with os.scandir(folder) as it:
             names = [e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS]
     except (FileNotFoundError, NotADirectoryError):
-        problems.append(f"{folder}: test folder not found (and no {label_file(data_dir, 'test')})")
+        problems.append(
+            f"{folder}: test folder not found (and no {label_file(data_dir, 'test')}); pass --data-dir DIR, "
+            "the folder holding train/ validate/ test/ and their label files"
+        )
         return None
     if not names:
         problems.append(f"{folder}: no images ({'/'.join(IMAGE_EXTS)}) and no test_label.txt")
+        return None
+    spaced = sorted(n for n in names if any(c.isspace() for c in n))
+    problems += [
+        f"{folder / n}: names cannot contain spaces (a submission line is `name label`): rename it"
+        for n in spaced[:20]
+    ]
+    if spaced:
         return None
     names.sort(key=_natural_key)
     logger.info("no %s; indexing the %d images in %s", label_file(data_dir, "test"), len(names), folder)
@@ -326,10 +336,26 @@ def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     No resizing here: the caller decides how to bring odd-sized crops to the model's input size.
     """
     with Image.open(path) as im:
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-        rgb = im.convert("RGB") if im.mode != "RGB" else im
-        return np.array(rgb, dtype=np.uint8)
+        return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL image as HxWx3 uint8 RGB. Grey, palette, RGBA and CMYK go through PIL's ``convert``;
+    wide grey (16-bit ``I;16``, 32-bit ``I``, float ``F``) is scaled to 8 bits here, because PIL's
+    own conversion clips it: a 16-bit face would come out almost all white."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
+    if im.mode.startswith("I") or im.mode == "F":
+        grey = np.asarray(im, dtype=np.float64)
+        top = 255.0  # 8-bit values stored wide (or floats already in 0..255)
+        if im.mode.startswith("I;16") or grey.max() > 255:
+            top = 65535.0
+        elif im.mode == "F" and grey.max() <= 1.0:
+            top = 1.0
+        grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    rgb = im.convert("RGB") if im.mode != "RGB" else im
+    return np.array(rgb, dtype=np.uint8)
 
 
 def _sample_rows(n: int, max_check: int) -> np.ndarray:

@@ -77,6 +77,8 @@ class Options:
     # its paired per-fold gain; None: foldkit.select.NOISE_Z
     select_by: str | None = None  # the per-fold score of that gain, f1, logloss, logloss+f1; None:
     # foldkit.select.SELECT_BY
+    on_bad_image: str | None = None  # test images that cannot be decoded: error or skip (the fallback
+    # label); None: what each checkpoint's config says (data.on_bad_image)
     stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
 
     @property
@@ -256,9 +258,31 @@ def _source(opts: Options, ckpt: dict, index: pd.DataFrame, split: str, paths: l
     if key not in opts.stores:
         opts.stores[key] = open_images(
             opts.data_dir, opts.work_dir, index, split, cfg.data.cache, size, opts.workers,
-            cfg.data.on_bad_image,
+            opts.on_bad_image or cfg.data.on_bad_image,
         )  # fmt: skip
     return opts.stores[key].source(paths)
+
+
+def _checkpoint(opts: Options, m: ModelOOF, fold: int) -> Path:
+    """``m``'s fold checkpoint, or an error with the command that retrains it."""
+    ckpt_path = m.checkpoint(opts.work_dir, fold)
+    if not ckpt_path.is_file():
+        raise FoldkitError(
+            f"{m.key} fold {fold}: checkpoint {ckpt_path} is missing; retrain it:\n  "
+            + train_command(opts, m.exp, str(fold), m.backbone)
+        )
+    return ckpt_path
+
+
+def open_test_images(opts: Options, oof: OOFSet) -> None:
+    """Test mode, before anything is written: read the test label file and decode every test image
+    (into the store the first model predicts from), so a bad test input stops the run with the OOF
+    report and the previous submission left as they were, not a report that disowns the submission."""
+    from foldkit.predict import load_checkpoint
+
+    test_df = read_test(opts.data_dir)
+    ckpt = load_checkpoint(_checkpoint(opts, oof.models[0], 0))
+    _source(opts, ckpt, test_df, "test", test_df.path.tolist())
 
 
 def cached_probs(
@@ -283,12 +307,7 @@ def cached_probs(
     from foldkit.predict import file_sha256, load_checkpoint
     from foldkit.train import amp_dtype, resolve_device
 
-    ckpt_path = m.checkpoint(opts.work_dir, fold)
-    if not ckpt_path.is_file():
-        raise FoldkitError(
-            f"{m.key} fold {fold}: checkpoint {ckpt_path} is missing; retrain it:\n  "
-            + train_command(opts, m.exp, str(fold), m.backbone)
-        )
+    ckpt_path = _checkpoint(opts, m, fold)
     device = resolve_device(opts.device)
     dtype = amp_dtype(from_dict(m.metas[fold]["config"]), device)
     key = {
@@ -362,9 +381,10 @@ def _choose(
             "best_single": single}  # fmt: skip
 
 
-def fit(opts: Options) -> Fitted:
+def fit(opts: Options, check_test: bool = False) -> Fitted:
     """Load and check OOF, calibrate, choose and fit the ensemble, tune the threshold, estimate it with
-    the outer loop, write the report."""
+    the outer loop, write the report. ``check_test`` (test mode): the test inputs are read and decoded
+    first (``open_test_images``), so bad test data stops the run before the report is rewritten."""
     check_trained(opts)
     from foldkit.blend import best_threshold, nested_threshold_f1
     from foldkit.calibrate import calibrate_oof, positive_rate
@@ -376,6 +396,8 @@ def fit(opts: Options) -> Fitted:
         oof = load_oof(opts.work_dir, opts.exps, opts.allow_partial)
     except FoldkitError as exc:
         raise FoldkitError(_real_commands(str(exc), opts)) from exc
+    if check_test:
+        open_test_images(opts, oof)
     made_with = _oof_tta(oof.models)
     tta = made_with if opts.tta is None else list(opts.tta)
     if tta != made_with:
@@ -421,12 +443,13 @@ def fit(opts: Options) -> Fitted:
 
 
 def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, labels: np.ndarray) -> None:
-    """Test images the store could not decode (``data.on_bad_image: skip``) get the fallback label
+    """Test images that could not be decoded (``on_bad_image: skip``) get the fallback label
     ``BAD_IMAGE_LABEL`` (real) and probability 0, so the submission still lists every name; the
-    model's output on their blank rows would be noise."""
-    from foldkit.store import BAD_IMAGE_LABEL, recorded_bad
+    model's output on their blank rows would be noise. Which images: those of the test stores (or
+    file sets) this run opened, all current; older stores of other sizes may record since-fixed files."""
+    from foldkit.store import BAD_IMAGE_LABEL
 
-    bad = recorded_bad(opts.work_dir, "test")
+    bad = set().union(*(images.bad for (split, *_), images in opts.stores.items() if split == "test"))
     rows = np.flatnonzero(test_df.path.isin(bad).to_numpy())
     if len(rows):
         labels[rows], probs[rows] = BAD_IMAGE_LABEL, 0.0

@@ -79,18 +79,17 @@ _DATA_DEFAULTS = DataConfig()
 # bundles first (see _bundle_groups); bundling only ever adds constraints, so it cannot cause a leak.
 _MAX_SGKF_GROUPS = 10_000
 
+# Named as --set forms: main.py and python -m foldkit.folds both take them (only the latter has the
+# flags such as --group-regex).
 _REGEX_OPTIONS = (
-    "a finer group regex (--group-regex / --set data.group_regex=...), fewer folds (--k / --set data.k=N), "
+    "a finer group regex (--set data.group_regex=...), fewer folds (--set data.k=N), "
     "or no regex groups (--set data.group_regex=null)"
 )
-_EXACT_OPTIONS = (
-    "remove or rename the duplicated files, or no duplicate grouping (--no-near-dup / "
-    "--set data.near_dup=false)"
-)
+_EXACT_OPTIONS = "remove or rename the duplicated files, or no duplicate grouping (--set data.near_dup=false)"
 _FUZZY_OPTIONS = (
-    "a stricter pixel check (--near-dup-min-corr / --set data.near_dup_min_corr=...), a smaller cap "
-    "(--near-dup-max-group / --set data.near_dup_max_group=...), fewer pHash bits (--hamming), "
-    "or no duplicate grouping (--no-near-dup / --set data.near_dup=false)"
+    "a stricter pixel check (--set data.near_dup_min_corr=...), a smaller cap "
+    "(--set data.near_dup_max_group=...), fewer pHash bits (--set data.hamming=N), "
+    "or no duplicate grouping (--set data.near_dup=false)"
 )
 
 
@@ -124,6 +123,13 @@ def settings_changes(old: dict, new: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def check_group_regex(names: pd.Series, group_regex: str | None, allow_unmatched: bool = False) -> None:
+    """The group regex's coverage check on the names alone, for callers that would otherwise decode
+    every image (the store) before making the folds tells them the regex does not fit."""
+    if group_regex:
+        _regex_keys(names, group_regex, allow_unmatched)
+
+
 def _regex_keys(names: pd.Series, group_regex: str, allow_unmatched: bool = False) -> np.ndarray:
     """First regex match in each name (object array, ``None`` where there is no or an empty match).
 
@@ -146,9 +152,9 @@ def _regex_keys(names: pd.Series, group_regex: str, allow_unmatched: bool = Fals
             f"group_regex '{group_regex}' matches only {n - len(unmatched)} of {n} names ({share:.1%}, "
             f"under {MIN_REGEX_COVERAGE:.0%}; e.g. not {example!r}): names it misses carry no subject id, "
             "so grouping by it would not keep a subject in one fold. Options: no regex groups "
-            "(--set data.group_regex=null), a regex that fits these names (--group-regex / "
-            "--set data.group_regex=...), or keep the unmatched names as groups of their own "
-            "(--allow-unmatched / --set data.allow_unmatched=true)"
+            "(--set data.group_regex=null, or group_regex: null in the config's data section), a regex "
+            "that fits these names (--set data.group_regex=...), or keep the unmatched names as groups "
+            "of their own (--set data.allow_unmatched=true)"
         )
     logger.warning(
         "%d of %d names do not match group_regex '%s'; each of them is its own group (e.g. %s)",

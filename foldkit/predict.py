@@ -144,6 +144,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FoldkitError(f"checkpoint not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a raw pickle
+        raise FoldkitError(
+            f"{path}: not a torch checkpoint (it starts with {head!r}); foldkit's are the best.pt / "
+            "last.pt files under models/<exp>/<backbone>/fold<k>/, or a copy of one"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's weights-only unpickler met a global it will not run
@@ -155,7 +162,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "foldkit wrote, or that you trust and convert yourself."
         ) from None
     except Exception as exc:
-        raise FoldkitError(f"{path}: not a loadable foldkit checkpoint ({exc})") from exc
+        raise FoldkitError(
+            f"{path}: cannot be loaded as a checkpoint ({type(exc).__name__}: {exc}); a truncated copy? "
+            "foldkit's are the best.pt / last.pt files under models/<exp>/<backbone>/fold<k>/"
+        ) from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise FoldkitError(f"{path}: not a foldkit checkpoint (needs 'model' and 'config' entries)")
     return ckpt

@@ -249,7 +249,8 @@ def _md_summary(report: dict[str, Any]) -> list[str]:
         f"# OOF report: {report['exp']}",
         "",
         f"- **Blend method:** `{s['method']}`",
-        f"- **Threshold:** {_fmt(s['threshold'])} (predict fake if p >= threshold)",
+        f"- **Threshold:** {_fmt(s['threshold'])} (predict fake if p >= threshold; the best F1 of the "
+        "pooled OOF blend; the submission's own threshold, once `--mode test` has run, is below)",
         f"- **In-sample F1** (blend and threshold fitted and scored on all OOF): {_fmt(s['in_sample_f1'])}",
         f"- **Nested-CV F1** (blend and threshold refitted without each fold): {_fmt(s['nested_cv_f1'])}",
         f"- Threshold-only nested F1 of this blend: {_fmt(s['honest_threshold_f1'])}",
@@ -291,6 +292,15 @@ def _se(s: dict[str, Any]) -> str:
     return "" if s.get("estimate_se") is None else f" ± {s['estimate_se']:.4f}"
 
 
+# why the submission's threshold differs from the OOF blend's (ensemble.py --threshold-fit)
+_THRESHOLD_FITS = {
+    "foldmean": " (fitted on OOF scores shaped like the fold-averaged test probabilities: it moves "
+    "with how much the fold models disagree on the test images)",
+    "rate": " (where the test probabilities predict the OOF's fake rate)",
+    "pooled": " (the OOF blend's threshold as is)",
+}
+
+
 def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The estimate, the best single model next to it, and the two predicted fake rates."""
     single = s.get("best_single") or {}
@@ -310,11 +320,13 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
     if single:
         lines.append(f"- Best single model: `{single['name']}`, nested-CV F1 {_fmt(single['mean'])}")
     if b.get("test_threshold") is not None:
-        lines.append(f"- Threshold applied to the submission: {_fmt(b['test_threshold'])}")
+        how = _THRESHOLD_FITS.get(b.get("threshold_fit"), "")
+        lines.append(f"- Threshold applied to the submission: {_fmt(b['test_threshold'])}{how}")
     rates = (s.get("oof_positive_rate"), s.get("test_positive_rate"))
     if rates[0] is not None:
         test = "not yet (run --mode test)" if rates[1] is None else f"{100 * rates[1]:.1f}%"
-        lines.append(f"- Predicted fake rate: OOF {100 * rates[0]:.1f}% at the threshold; submission {test}")
+        at = "the threshold above" if rates[1] is None else "the submission's threshold"
+        lines.append(f"- Predicted fake rate: OOF {100 * rates[0]:.1f}% at {at}; submission {test}")
         if rates[1] is not None and abs(rates[1] - rates[0]) > 0.02:
             lines.append("- **Warning:** the two fake rates differ by more than 2 points")
     return lines

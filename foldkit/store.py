@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
-from foldkit.data import DataError, label_file, read_test, read_trainval
+from foldkit.data import DataError, label_file, read_test, read_trainval, to_rgb
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ MAX_SIDE = 4096
 #: cautious answer when F1 is scored on the fake class.
 BAD_IMAGE_LABEL = 0
 _CHUNK = 256  # images per worker task: small enough for a smooth progress bar, large enough to amortise IPC
-_SKIP_HINT = "(--set data.on_bad_image=skip leaves them out of training and gives test ones the fallback)"
+_SKIP_HINT = (
+    "(to go on without them: main.py --set data.on_bad_image=skip leaves them out of training; "
+    "ensemble.py --on-bad-image skip predicts test ones 0, the fallback)"
+)
 
 
 def resolve_workers(workers: int | None) -> int:
@@ -104,10 +107,7 @@ def decode_image(path: str | os.PathLike[str]) -> np.ndarray:
             if max(w, h) > MAX_SIDE or min(w, h) < 1:
                 raise ValueError(f"absurd image size {w}x{h} (a side over {MAX_SIDE} px)")
             im.load()
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            rgb = im.convert("RGB") if im.mode != "RGB" else im
-            return np.asarray(rgb, dtype=np.uint8)
+            return to_rgb(im)
     except ValueError:
         raise
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's ways of saying "bad file"
@@ -404,10 +404,14 @@ class StoreSource:
 
 
 class FileSource:
-    """Image files decoded on every read (``data.cache: false``): the same pixels the store holds."""
+    """Image files decoded on every read (``data.cache: false``): the same pixels the store holds,
+    black for the ``bad`` paths the up-front check could not decode (as the store's rows are)."""
 
-    def __init__(self, data_dir: Path, paths: Sequence[str], size: tuple[int, int]) -> None:
+    def __init__(
+        self, data_dir: Path, paths: Sequence[str], size: tuple[int, int], bad: set[str] | None = None
+    ) -> None:
         self.data_dir, self.paths, self.size = Path(data_dir), list(paths), tuple(size)
+        self.bad = set(bad or ())
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -417,6 +421,8 @@ class FileSource:
         return (self.size[0], self.size[1], 3)
 
     def read(self, i: int) -> np.ndarray:
+        if self.paths[i] in self.bad:
+            return np.zeros(self.image_shape, dtype=np.uint8)
         path = self.data_dir / self.paths[i]
         try:
             return fit_size(decode_image(path), self.size)
@@ -427,17 +433,6 @@ class FileSource:
         return np.stack([self.read(int(i)) for i in idx], out=out)
 
 
-def recorded_bad(work_dir: Path, split: str) -> set[str]:
-    """Paths that the split's current stores recorded as undecodable (``on_bad_image: skip``)."""
-    bad: set[str] = set()
-    for meta_path in (Path(work_dir) / "store").glob(f"{split}-*/store.json"):
-        try:
-            bad |= set(json.loads(meta_path.read_text(encoding="utf-8")).get("bad", {}))
-        except (OSError, ValueError):
-            continue
-    return bad
-
-
 class FileSet:
     """The image files themselves at one size (``data.cache: false``); quacks like ``Store.source``.
     ``bad``: the paths the up-front check could not decode (``on_bad_image: skip``)."""
@@ -446,7 +441,7 @@ class FileSet:
         self.data_dir, self.size, self.bad = Path(data_dir), tuple(size), set(bad or ())
 
     def source(self, paths: Sequence[str]) -> FileSource:
-        return FileSource(self.data_dir, paths, self.size)
+        return FileSource(self.data_dir, paths, self.size, self.bad)
 
 
 def open_images(

@@ -59,4 +59,11 @@ def label_file_names(data_dir: str | Path) -> list[str]:
 
 def read_submission(path: str | Path) -> pd.DataFrame:
     """Read a ``name label`` file back (for checks and tests)."""
-    return pd.read_csv(path, sep=" ", header=None, names=["name", "label"], dtype={"name": str, "label": int})
+    return pd.read_csv(
+        path,
+        sep=" ",
+        header=None,
+        names=["name", "label"],
+        dtype={"name": str, "label": int},
+        keep_default_na=False,  # an image named NA or null is a name, not a missing value
+    )

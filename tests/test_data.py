@@ -119,8 +119,25 @@ def test_test_split_without_label_file_lists_images_in_natural_order(tmp_path: P
 
 
 def test_test_split_without_label_file_or_folder_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="test folder not found"):
+    with pytest.raises(DataError, match=r"test folder not found.*pass --data-dir DIR"):
         read_test(tmp_path / "nothing")
+
+
+def test_listed_test_names_with_spaces_are_refused_up_front(tmp_path: Path) -> None:
+    """Without a test label file the folder is listed; a name with a space could never make a valid
+    ``name label`` line, so it is named now, not after hours of predictions."""
+    data = make_data(tmp_path)
+    save_png(data / "test" / "my face.png")
+    with pytest.raises(DataError, match=r"test/my face\.png: names cannot contain spaces"):
+        read_test(data)
+
+
+def test_names_pandas_would_read_as_missing_survive_a_submission(tmp_path: Path) -> None:
+    from foldkit.submission import read_submission, write_submission
+
+    names = ["NA", "null", "None", "nan", "a.png"]
+    out = write_submission(tmp_path / "p.txt", names, np.array([0, 1, 0, 1, 1]), names)
+    assert read_submission(out).name.tolist() == names
 
 
 # ----------------------------------------------------------------------------------------------- bad
@@ -256,7 +273,7 @@ def test_test_names_also_in_train_or_validate_are_warned_with_examples(
     )
     caplog.clear()
     assert warn_test_overlap(read_trainval(data), read_test(make_data(tmp_path / "other"))) == []
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # INFO may pass after main()
 
 
 def test_unknown_phase_is_rejected(tmp_path: Path) -> None:
@@ -277,6 +294,25 @@ def test_load_rgb_converts_modes_and_keeps_size(tmp_path: Path, mode: str, size:
     arr = load_rgb(path)
     assert arr.shape == (size[1], size[0], 3)
     assert arr.dtype == np.uint8
+
+
+def test_wide_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """PIL's convert("RGB") clips 16-bit grey at 255 (a face turns white); both decode paths scale."""
+    from foldkit.store import decode_image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "g16.png")  # mode I;16
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "g32.tif")  # mode I
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "f.tif")  # mode F in 0..1
+    expected = np.rint(ramp / 257).astype(np.uint8)
+    for name in ("g16.png", "g32.tif", "f.tif"):
+        for arr in (load_rgb(tmp_path / name), decode_image(tmp_path / name)):
+            assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+            np.testing.assert_allclose(arr[..., 0], expected, atol=1, err_msg=name)
+            assert (arr[..., 0] == arr[..., 2]).all()
+    eight = np.arange(256, dtype=np.int32).reshape(16, 16)
+    Image.fromarray(eight).save(tmp_path / "i8.tif")  # 8-bit values stored as mode I stay as they are
+    assert (load_rgb(tmp_path / "i8.tif")[..., 1] == eight).all()
 
 
 def test_load_rgb_keeps_pixels(tmp_path: Path) -> None:

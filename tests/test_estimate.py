@@ -224,7 +224,13 @@ def test_test_rate_is_recorded_and_a_gap_over_two_points_warns(tmp_path: Path, c
     saved = json.loads((out / "report.json").read_text())
     assert saved["summary"]["test_positive_rate"] == pytest.approx(0.45)
     md = (out / "report.md").read_text()
-    assert "OOF 40.0% at the threshold; submission 45.0%" in md and "more than 2 points" in md
+    assert "OOF 40.0% at the submission's threshold; submission 45.0%" in md and "more than 2 points" in md
+    assert "Threshold applied to the submission: 0.5000\n" in md  # no threshold_fit recorded: no reason
+    info = json.loads((out / "report.json").read_text())
+    info["blend"]["threshold_fit"] = "foldmean"
+    (out / "report.json").write_text(json.dumps(info))
+    md = (record_test_rate(out, 0.45, 0.5), (out / "report.md").read_text())[1]
+    assert "Threshold applied to the submission: 0.5000 (fitted on OOF scores shaped like the fold" in md
 
 
 @pytest.mark.parametrize("gain, warned", [(0.05, False), (0.3, True)])

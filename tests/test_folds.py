@@ -129,7 +129,7 @@ def test_regex_matching_under_90_percent_is_an_error_unless_allowed(caplog: pyte
         make_folds(index, Path("."), group_regex=r"S\d+")
     text = str(err.value)
     assert "matches only 850 of 1000 names (85.0%" in text and md5[0] in text
-    for option in ("--set data.group_regex=null", "--allow-unmatched", "--set data.allow_unmatched=true"):
+    for option in ("--set data.group_regex=null", "--set data.allow_unmatched=true"):
         assert option in text
     with caplog.at_level(logging.WARNING, logger="foldkit"):
         df = make_folds(index, Path("."), group_regex=r"S\d+", allow_unmatched=True)
@@ -333,7 +333,7 @@ def test_a_large_keyless_duplicate_group_is_an_error_naming_near_dup_links(use_f
     text = str(err.value)
     assert "largest group holds 150 of 1000" in text
     assert "150 images without a regex key joined by near-duplicate links (1 identical-pixel sets" in text
-    assert "--no-near-dup" in text
+    assert "--set data.near_dup=false" in text
 
 
 # Real images: synthetic aligned faces, where pHash alone cannot tell two people apart.
@@ -659,6 +659,22 @@ def test_cli_defaults_to_the_default_config(tmp_path: Path) -> None:
     assert meta["near_dup"] is True and meta["group_regex"] == r"S\d+"
 
 
+def test_main_py_checks_the_group_regex_before_decoding_any_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default regex on names without a subject key: main.py says so in a second, naming options
+    it accepts, before the image store decodes every image (hours for a large set)."""
+    from conftest import train_tiny
+
+    md5 = [hashlib.md5(str(i).encode()).hexdigest() + ".png" for i in range(40)]
+    data, work = make_data(tmp_path, names=md5), tmp_path / "w"
+    assert train_tiny(data, work, "--set", r"data.group_regex=S\d+") == 2
+    err = capsys.readouterr().err
+    assert "matches only 0 of 40 names" in err and "--set data.group_regex=null" in err
+    assert "--group-regex" not in err and "--allow-unmatched" not in err  # foldkit.folds' flags only
+    assert not (work / "store").exists() and not (work / "folds").exists()
+
+
 def test_cli_unmatched_regex_error_and_its_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -666,7 +682,7 @@ def test_cli_unmatched_regex_error_and_its_options(
     data, work = make_data(tmp_path, names=md5), tmp_path / "w"
     assert cli(data, work) == 2
     err = capsys.readouterr().err
-    assert "matches only 0 of 40 names" in err and "--allow-unmatched" in err
+    assert "matches only 0 of 40 names" in err and "--set data.allow_unmatched=true" in err
     assert not (work / "folds").exists()
     for options in (["--allow-unmatched"], ["--set", "data.allow_unmatched=true"]):
         assert cli(data, work, *options, "--force") == 0

@@ -113,7 +113,25 @@ def test_test_mode_missing_checkpoint_lists_the_ones_written(trained: Path, tiny
     ]
     assert run(main.main, argv) == 2
     err = capsys.readouterr().err
-    assert "nope.pth" in err and "best.pt" in err
+    assert "nope.pth" in err and "best.pt" in err and "last.pt" not in err
+    for fold in range(2):  # every backbone's best checkpoints are named (4 of them: none left out)
+        for backbone in ("test_efficientnet", "test_convnext"):
+            assert str(trained / f"models/demo/{backbone}/fold{fold}/best.pt") in err
+
+
+def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path: Path) -> None:
+    """A report or a text file given as --model_name: not a torch file, not "a pickled object"."""
+    from foldkit.io import FoldkitError
+    from foldkit.predict import load_checkpoint
+
+    for name, text in (("report.json", '{"exp": "demo"}'), ("notes.txt", "hello")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(FoldkitError, match=rf"{name}: not a torch checkpoint \(it starts with"):
+            load_checkpoint(tmp_path / name)
+    torch.save({"model": {}}, tmp_path / "cut.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:40])
+    with pytest.raises(FoldkitError, match=r"cut\.pt: cannot be loaded as a checkpoint \(\w+Error"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_help_lists_every_option_with_defaults() -> None:

@@ -383,23 +383,58 @@ def test_warm_up_leaves_weights_buffers_and_grads_untouched() -> None:
 def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
     data: Path, trained_copy: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """By default a bad test image stops test inference naming it; built with skip, the submission
-    still lists every name and the bad one gets the stated fallback (0, real)."""
+    """By default a bad test image stops test inference naming it, before the report is rewritten
+    (the last report and submission stay as they were, in step); with ``--on-bad-image skip`` the
+    submission still lists every name and the bad one gets the stated fallback (0, real)."""
     import ensemble
     from foldkit.cli import run
 
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(data), "--mode", "test"]
+    assert run(ensemble.main, argv) == 0
+    submission = trained_copy / "submissions/demo/prediction.txt"
+    outputs = [*(trained_copy / "oof/demo").glob("report.*"), submission]
+    made = {p: p.read_bytes() for p in outputs}
     test = read_test(data)
     bad = data / test.path.iloc[2]
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
-    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(data), "--mode", "test"]
+    capsys.readouterr()
     assert run(ensemble.main, argv) == 2
-    assert f"{bad} (" in capsys.readouterr().err
-    assert not (trained_copy / "submissions/demo/prediction.txt").exists()
-    assert main(["--data-dir", str(data), "--work-dir", str(trained_copy), "--on-bad-image", "skip"]) == 0
-    assert run(ensemble.main, argv) == 0
+    err = capsys.readouterr().err
+    assert f"{bad} (" in err and "ensemble.py --on-bad-image skip" in err
+    assert {p: p.read_bytes() for p in made} == made, "a failed test run must leave its outputs alone"
+    assert run(ensemble.main, [*argv, "--on-bad-image", "skip"]) == 0
     lines = (trained_copy / "submissions/demo/prediction.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == test.name.tolist()
     assert lines[2] == f"{test.name.iloc[2]} 0"
+    assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
+    store_argv = ["--data-dir", str(data), "--work-dir", str(trained_copy), "--img-size", "24"]
+    assert main([*store_argv, "--on-bad-image", "skip"]) == 0  # a store of another size records it too
+    bad.write_bytes((data / test.path.iloc[3]).read_bytes())  # mended: both stores' records are stale
+    assert run(ensemble.main, argv) == 0
+    assert "unreadable test image" not in capsys.readouterr().err
+
+
+def test_skipped_test_image_gets_the_fallback_without_a_store(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``data.cache: false`` with skip: the bad test file is never decoded again and gets the
+    fallback label, as it does with the store."""
+    from conftest import train_tiny
+
+    import ensemble
+    from foldkit.cli import run
+
+    work = tmp_path / "w"
+    args = ("--model", "test_efficientnet", "--set", "data.cache=false", "--set", "data.on_bad_image=skip")
+    assert train_tiny(data, work, *args) == 0
+    test = read_test(data)
+    bad = data / test.path.iloc[1]
+    bad.write_bytes(bad.read_bytes()[:100])
+    argv = ["--exp", "demo", "--work-dir", str(work), "--data-dir", str(data), "--mode", "test"]
+    argv.append("--allow-partial")  # only one of the config's two backbones was trained
+    assert run(ensemble.main, argv) == 0
+    lines = (work / "submissions/demo/prediction.txt").read_text().splitlines()
+    assert len(lines) == len(test) and lines[1] == f"{test.name.iloc[1]} 0"
     assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
 
 
