@@ -366,12 +366,14 @@ def _sample_rows(n: int, max_check: int) -> np.ndarray:
 
 
 def survey_images(
-    data_dir: Path, df: pd.DataFrame, expected: tuple[int, int] = (112, 112), max_check: int = 2000
+    data_dir: Path, df: pd.DataFrame, expected: tuple[int, int] | None = None, max_check: int = 2000
 ) -> dict:
     """Read image headers (no pixels) to tell the user once if images are not ``expected`` RGB.
 
-    ``expected`` is (height, width). Odd sizes and modes are fine (``load_rgb`` converts them); an
-    image that cannot be opened at all raises ``DataError`` now instead of crashing a training run.
+    ``expected`` is (height, width); None: the most common size checked, the one the image store
+    keeps (``foldkit.store.native_size``), so uniform 32 px images are not reported as odd. Odd
+    sizes and modes are fine (they are converted on load); an image that cannot be opened at all
+    raises ``DataError`` now instead of crashing a training run.
     """
     rows = _sample_rows(len(df), max_check)
     paths = df["path"].to_numpy()[rows]
@@ -388,10 +390,14 @@ def survey_images(
             continue
         sizes[f"{w}x{h}"] += 1
         modes[mode] += 1
-        if (h, w) != tuple(expected) or mode != "RGB":
-            odd.append((rel, f"{w}x{h}", mode))
+        odd.append((rel, f"{w}x{h}", mode))
     if unreadable:
         raise DataError(unreadable)
+    if expected is None and sizes:
+        w, h = map(int, sizes.most_common(1)[0][0].split("x"))
+        expected = (h, w)
+    want = f"{expected[1]}x{expected[0]}" if expected else ""
+    odd = [o for o in odd if o[1] != want or o[2] != "RGB"]
     if odd:
         rel, size, mode = odd[0]
         logger.info(

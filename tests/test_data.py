@@ -358,6 +358,19 @@ def test_survey_is_silent_for_expected_images_and_samples_evenly(
     assert not [r for r in caplog.records if r.name == "foldkit.data"]
 
 
+def test_survey_compares_with_the_common_size_not_a_fixed_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = [f"train/{i}.png" for i in range(4)]
+    for i, p in enumerate(paths):
+        save_png(tmp_path / p, size=(32, 32) if i < 3 else (48, 32))
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        counts = survey_images(tmp_path, _index(paths))
+    assert counts["mismatched"] == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "foldkit.data"]
+    assert line.startswith("1 of 4 checked images are not 32x32 RGB (e.g. train/3.png: 48x32 RGB)")
+
+
 def test_survey_reports_unreadable_images(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "bad.png").write_bytes(b"not a png")
