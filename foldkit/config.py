@@ -26,7 +26,23 @@ from foldkit.io import FoldkitError, atomic_write_text
 
 
 class ConfigError(FoldkitError):
-    """A bad config key or value; names the key and, for typos, the closest valid key."""
+    """A bad config key or value; names the key and, for typos, the closest valid key.
+
+    ``problems``: each problem on its own (without the file), so a caller can merge the problems of
+    one file into one error instead of showing only the first and making the user rerun per typo.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+
+def _combined(where: str, problems: list[str]) -> ConfigError:
+    """One error for every problem of one source (a YAML file, the command line)."""
+    if len(problems) == 1:
+        return ConfigError(f"{where}{problems[0]}", problems)
+    lines = "\n  ".join(problems)
+    return ConfigError(f"{where}{len(problems)} config problems:\n  {lines}", problems)
 
 
 #: Largest ``data.hamming`` the config and the fold builder accept (one rule for both). pHashes of
@@ -150,24 +166,48 @@ _CHOICES = {
 TTA_NAMES = ("none", "hflip", "vflip", "d4", "rot90")
 
 
+#: What a range problem of these keys means, said where the plain "out of range" would leave one guessing.
+_RANGE_HINTS = {
+    "train.batch_size": "at least 2: BatchNorm cannot train on a batch of one image; with little "
+    "memory use a small batch and train.accum_steps",
+}
+
+
 def validate(cfg: RunConfig) -> None:
-    """Check value ranges and choices that types alone cannot express."""
+    """Check value ranges and choices that types alone cannot express; every problem in one error."""
+    problems = config_problems(cfg)
+    if problems:
+        raise _combined("", problems)
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """Every range and choice problem of ``cfg``, each naming its key (``validate`` raises them)."""
+    problems = []
     if not cfg.backbones:
-        raise ConfigError("backbones: at least one timm model name is needed")
+        problems.append("backbones: at least one timm model name is needed")
     for key, choices in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+            problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
     if cfg.train.metric == "last" and cfg.train.patience is not None:
-        raise ConfigError(
+        problems.append(
             "train.patience: metric 'last' keeps the final epoch, so there is nothing to stop early on "
             "(add --set train.patience=null)"
         )
     if isinstance(cfg.train.pos_weight, str) and cfg.train.pos_weight != "balanced":
-        raise ConfigError(f"train.pos_weight: {cfg.train.pos_weight!r} is not a number or 'balanced'")
+        problems.append(f"train.pos_weight: {cfg.train.pos_weight!r} is not a number or 'balanced'")
     for name in cfg.tta:
         if name not in TTA_NAMES:
-            raise ConfigError(f"tta: {name!r} is not one of {', '.join(TTA_NAMES)}")
+            problems.append(f"tta: {name!r} is not one of {', '.join(TTA_NAMES)}")
+    for key, ok in _range_checks(cfg).items():
+        if not ok:
+            hint = f" ({_RANGE_HINTS[key]})" if key in _RANGE_HINTS else ""
+            problems.append(f"{key}: {get_key(cfg, key)!r} is out of range{hint}")
+    return problems
+
+
+def _range_checks(cfg: RunConfig) -> dict[str, bool]:
+    """Key -> whether its value is in range."""
     tc, aug = cfg.train, cfg.augment
     checks = {
         "data.k": cfg.data.k >= 2,
@@ -181,7 +221,7 @@ def validate(cfg: RunConfig) -> None:
         "seed": cfg.seed >= 0,
         "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
         "train.epochs": tc.epochs >= 1,
-        "train.batch_size": tc.batch_size >= 1,
+        "train.batch_size": tc.batch_size >= 2,  # BatchNorm: "expected more than 1 value per channel"
         "train.accum_steps": tc.accum_steps >= 1,
         "train.lr": math.isfinite(tc.lr) and tc.lr > 0,
         "train.min_lr": math.isfinite(tc.min_lr) and 0 <= tc.min_lr <= tc.lr,
@@ -200,9 +240,7 @@ def validate(cfg: RunConfig) -> None:
     }
     for name in ("hflip", "affine", "color", "to_gray", "blur", "downscale", "jpeg", "noise", "dropout"):
         checks[f"augment.{name}"] = 0 <= getattr(aug, name) <= 1  # probabilities
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"{key}: {get_key(cfg, key)!r} is out of range")
+    return checks
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -219,10 +257,51 @@ def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+#: Names other tools (and habit) use for a config key, by the last part of the dotted key: difflib
+#: alone matches spelling, so ``train.learning_rate`` came out as ``train.drop_rate``.
+_SYNONYMS = {
+    **dict.fromkeys(("learning_rate", "lr", "base_lr", "max_lr", "peak_lr"), "train.lr"),
+    **dict.fromkeys(("bs", "batch", "batchsize", "train_batch_size"), "train.batch_size"),
+    **dict.fromkeys(("epoch", "n_epochs", "num_epochs", "max_epochs"), "train.epochs"),
+    **dict.fromkeys(("size", "image_size", "imgsize", "input_size", "resolution"), "data.img_size"),
+    **dict.fromkeys(("num_workers", "n_workers", "worker"), "data.workers"),
+    **dict.fromkeys(("folds", "n_folds", "num_folds", "n_splits", "kfold", "k_folds"), "data.k"),
+    **dict.fromkeys(("wd", "decay"), "train.weight_decay"),
+    **dict.fromkeys(("warmup", "warmup_epoch"), "train.warmup_epochs"),
+    **dict.fromkeys(
+        ("accumulate", "grad_accum", "accumulation_steps", "gradient_accumulation_steps"), "train.accum_steps"
+    ),
+    **dict.fromkeys(("clip_grad", "max_grad_norm", "gradient_clip"), "train.grad_clip"),
+    **dict.fromkeys(("early_stopping", "early_stop"), "train.patience"),
+    **dict.fromkeys(("mixed_precision", "precision", "fp16"), "train.amp"),
+    **dict.fromkeys(("smoothing",), "train.label_smoothing"),
+    **dict.fromkeys(("model", "models", "model_name", "backbone", "arch"), "backbones"),
+    **dict.fromkeys(("gpu", "gpus", "cuda"), "device"),
+    **dict.fromkeys(("random_seed", "manual_seed"), "seed"),
+}
+
+
+def suggest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key ``key`` most likely meant: a known synonym of its last part, the same name in
+    another section (``train.img_size``), else the closest spelling."""
+    leaf = key.rsplit(".", 1)[-1].lower().replace("-", "_")
+    if _SYNONYMS.get(leaf) in valid:
+        return _SYNONYMS[leaf]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+    return close[0] if close else None
+
+
+def _unknown_text(key: str, valid: list[str]) -> str:
+    close = suggest_key(key, valid)
+    hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    return ConfigError(f"{where}{_unknown_text(key, valid)}")
 
 
 _SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
@@ -263,26 +342,48 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` from ``data``; each unknown key or bad value is appended to
+    ``problems`` (and left at its default) instead of raised, so one error can name them all."""
     hints = _field_types(cls)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        full = prefix + key
+        full = f"{prefix}{key}"
         if key not in hints:
-            raise _unknown(full, _all_keys(), where)
+            problems.append(_unknown_text(full, _all_keys()))
+            continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            if value is None:  # a section whose keys are all commented out: YAML reads it as null
+                value = {}
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}{full}: expected a mapping of its keys, got {value!r}")
-            kwargs[key] = _build(tp, value, f"{full}.", where)
-        else:
+                problems.append(f"{full}: expected a mapping of its keys, got {value!r}")
+                continue
+            kwargs[key] = tp(**_build(tp, value, f"{full}.", problems))
+            continue
+        try:
             kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return kwargs
 
 
 def from_dict(data: dict[str, Any], where: str = "") -> RunConfig:
-    """Build a validated RunConfig from nested plain data (YAML or a checkpoint's ``config``)."""
-    return _build(RunConfig, dict(data or {}), "", where)
+    """Build a validated RunConfig from nested plain data (YAML or a checkpoint's ``config``).
+
+    Every unknown key, badly typed value and out-of-range value is reported in one error (prefixed by
+    ``where``): fixing a config one typo per run wastes the user's time. A refused value is left at
+    its default, so the range checks still run on everything else.
+    """
+    problems: list[str] = []
+    kwargs = _build(RunConfig, dict(data or {}), "", problems)
+    try:
+        cfg = RunConfig(**kwargs)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise _combined(where, problems)
+    return cfg
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -7,7 +7,6 @@ weights fitted here would not mean what they claim.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from foldkit.config import flatten
 from foldkit.folds import load_folds
 from foldkit.io import FoldkitError
 from foldkit.predict import file_sha256
+from foldkit.preflight import read_json_artifact
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def discover(work_dir: Path, exps: list[str], several: bool) -> list[ModelOOF]:
             files = {int(f.stem[4:]): f for f in sub.glob("fold*.csv") if f.stem[4:].isdigit()}
             if not files:
                 continue
-            metas = {k: _read_meta(f.with_suffix(".json")) for k, f in files.items()}
+            metas = {k: _read_meta(f.with_suffix(".json"), exp, sub.name, k) for k, f in files.items()}
             backbone = next(iter(metas.values())).get("backbone", sub.name)
             key = f"{exp}/{backbone}" if several else backbone
             models.append(ModelOOF(exp, backbone, key, sub, dict(sorted(files.items())), metas))
@@ -76,10 +76,17 @@ def discover(work_dir: Path, exps: list[str], several: bool) -> list[ModelOOF]:
     return models
 
 
-def _read_meta(path: Path) -> dict:
+def _read_meta(path: Path, exp: str, backbone: str, fold: int) -> dict:
+    """An OOF sidecar; a missing or unreadable one (truncated by a full disk or a copy) is an error
+    naming the file and the way to make it again, never a JSONDecodeError traceback."""
     if not path.is_file():
         raise FoldkitError(f"{path}: missing (every OOF file has a sidecar recording its folds hash)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_artifact(
+        path,
+        f"train that fold again to rewrite it and its csv (main.py --config CONFIG --exp {exp} --model "
+        f"{backbone} --fold {fold}: a finished run only predicts its OOF again), or delete it and "
+        f"{path.with_suffix('.csv').name} and pass --allow-partial to leave the fold out",
+    )
 
 
 def check_hashes(models: list[ModelOOF], current: str) -> None:
@@ -138,11 +145,16 @@ def check_fold_configs(models: list[ModelOOF]) -> list[str]:
     return lines
 
 
+#: Missing-value spellings still read as NaN in the numeric columns of an OOF csv (names never).
+_NUMERIC_NA = {col: ["", "nan", "NaN", "NA", "null", "None"] for col in ("label", "fold", "prob")}
+
+
 def _model_column(m: ModelOOF, folds_df: pd.DataFrame) -> np.ndarray:
     """This model's probabilities aligned to folds.csv; errors name file and problem."""
     parts = []
     for k, path in m.files.items():
-        df = pd.read_csv(path, dtype={"name": str})
+        # names as written: pandas would read an image called NA, null or None as a missing value
+        df = pd.read_csv(path, dtype={"name": str}, keep_default_na=False, na_values=_NUMERIC_NA)
         missing = {"name", "label", "fold", "prob"} - set(df.columns)
         if missing:
             raise FoldkitError(f"{path}: missing columns {sorted(missing)}")

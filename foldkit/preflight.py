@@ -51,23 +51,47 @@ def guard_refold(work_dir: Path, cfg: RunConfig, refold: bool) -> None:
         return
     from foldkit.folds import fold_settings, settings_changes  # the rule ensure_folds rebuilds by
 
-    old = json.loads(meta_path.read_text(encoding="utf-8"))
+    old = read_json_artifact(
+        meta_path,
+        "rebuild the folds with --refold (the same data and fold settings give the same folds, so the "
+        "OOF files made on them stay usable)",
+    )
     changed = settings_changes(old, fold_settings(cfg.data))
     if not changed:
         return
-    users = sorted(
-        {
-            p.parent.parent.name
-            for p in (work_dir / "oof").glob("*/*/fold*.json")
-            if json.loads(p.read_text(encoding="utf-8")).get("folds_hash") == old.get("hash")
-        }
-    )
+    users = sorted({p.parent.parent.name for p in _sidecars_on(work_dir, old.get("hash"))})
     if users:
         raise FoldkitError(
             f"{meta_path} was made with other fold settings ({'; '.join(changed)}) and experiment(s) "
             f"{', '.join(users)} were trained on it; rebuilding would make their OOF files unusable. "
             "Pass --refold to rebuild anyway, or use another --work-dir."
         )
+
+
+def _sidecars_on(work_dir: Path, folds_hash: Any) -> list[Path]:
+    """The OOF sidecars (``oof/<exp>/<backbone>/fold<k>.json``) made on the folds ``folds_hash``."""
+    found = []
+    for path in sorted((work_dir / "oof").glob("*/*/fold*.json")):
+        recover = (
+            f"delete it and {path.with_suffix('.csv').name} beside it (training that fold makes them "
+            "again), or pass --refold to rebuild the folds anyway"
+        )
+        if read_json_artifact(path, recover).get("folds_hash") == folds_hash:
+            found.append(path)
+    return found
+
+
+def read_json_artifact(path: Path, recover: str) -> dict[str, Any]:
+    """A JSON object foldkit wrote (folds.json, an OOF sidecar), or a FoldkitError naming the file and
+    ``recover`` (how to make it again): a file truncated by a full disk or a copy must stop the run
+    with exit 2 and a way out, not a JSONDecodeError traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FoldkitError(f"{path} is unreadable ({exc}); {recover}") from None
+    if not isinstance(data, dict):
+        raise FoldkitError(f"{path} is unreadable (not a JSON object); {recover}")
+    return data
 
 
 def select_backbones(cfg: RunConfig, model: str | None) -> list[str]:

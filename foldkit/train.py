@@ -475,9 +475,10 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"))
 
 
-def _attach_log(model_dir: Path) -> logging.Handler:
-    """Copy the foldkit log of this run into its folder (``train.log``)."""
-    handler = logging.FileHandler(model_dir / "train.log", mode="w", encoding="utf-8")
+def _attach_log(model_dir: Path, append: bool = False) -> logging.Handler:
+    """Copy the foldkit log of this run into its folder (``train.log``). ``append`` when resuming: the
+    run continues the interrupted one, whose epochs are logged nowhere else; a fresh run starts anew."""
+    handler = logging.FileHandler(model_dir / "train.log", mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("foldkit").addHandler(handler)
     return handler
@@ -536,12 +537,16 @@ def fit_fold(
     config, label = to_dict(cfg), f"{backbone} fold {fold}"
     done = None if force else finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
     if done is not None:
-        changed = config_changes(done.get("config", {}), config)
-        if done.get("folds_hash") == folds_hash and not changed:
+        changed = _retrain_reasons(done, config, folds_hash)
+        if not changed:
             log.info("%s: finished (its OOF matches best.pt): skipped; --force trains it again", label)
             best = load_checkpoint(paths.model_dir / "best.pt")
             return _summary(backbone, fold, done["best_epoch"], best["score"], paths, skipped=True)
-        log.info("%s: finished with other settings (%s): training it again", label, "; ".join(changed))
+        log.warning(
+            "%s: finished with other settings (%s): training it again, replacing its best.pt and OOF "
+            "file (to keep them, stop now and train in another --work-dir or --exp)", label,
+            "; ".join(changed),
+        )  # fmt: skip
     ckpt = (
         _resumable(paths, config, folds_hash, backbone, fold)
         if resume and done is None and not force
@@ -555,7 +560,7 @@ def fit_fold(
         paths.oof_meta.unlink(missing_ok=True)
         if ckpt is None:  # a run started over must not be resumed as the one it replaces
             (paths.model_dir / "last.pt").unlink(missing_ok=True)
-    handler = _attach_log(paths.model_dir) if distributed.is_main() else None
+    handler = _attach_log(paths.model_dir, append=ckpt is not None) if distributed.is_main() else None
     try:
         best_epoch, best_score = _train_fold(
             cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, ckpt, save_every, images
@@ -565,6 +570,16 @@ def fit_fold(
             logging.getLogger("foldkit").removeHandler(handler)
             handler.close()
     return _summary(backbone, fold, best_epoch, best_score, paths)
+
+
+def _retrain_reasons(done: dict[str, Any], config: dict[str, Any], folds_hash: str) -> list[str]:
+    """Why a finished fold (its OOF sidecar ``done``) no longer matches this run: each config change
+    and a change of the folds, named, so the warning that it is trained again says what changed."""
+    changed = config_changes(done.get("config", {}), config)
+    if done.get("folds_hash") != folds_hash:
+        old = str(done.get("folds_hash"))[:12]
+        changed.append(f"the folds changed: folds hash {old} -> {folds_hash[:12]}")
+    return changed
 
 
 def _summary(
@@ -623,6 +638,7 @@ def _train_fold(
         images = open_trainval_images(cfg, data_dir, work_dir)
     label = f"{backbone} fold {fold}"
     train_df, val_df = _drop_bad(images, train_df, val_df, label)
+    _check_train_size(train_df, label, folds_df)
     model = create_model(cfg, backbone)
     mean, std = data_stats(model)
     model.to(device)
@@ -706,6 +722,19 @@ def _drop_bad(
             " ..." if len(names) > 5 else "",
         )  # fmt: skip
     return train_df[~drop_train], val_df[~drop_val]
+
+
+def _check_train_size(train_df: pd.DataFrame, label: str, folds_df: pd.DataFrame) -> None:
+    """Refuse a training split of fewer than 2 images (tiny data, most of it unreadable, or folds
+    that leave one image outside this fold) with a clear error: BatchNorm cannot train on one image,
+    and torch would stop with a bare "Expected more than 1 value per channel" traceback."""
+    if len(train_df) >= 2:
+        return
+    raise FoldkitError(
+        f"{label}: only {len(train_df)} training image(s) outside this fold ({len(folds_df)} images in "
+        "the folds, after any unreadable ones were left out), and training needs at least 2: use more "
+        "train/validate images or fewer folds (data.k)."
+    )
 
 
 def _oom_message(cfg: RunConfig, label: str) -> str:

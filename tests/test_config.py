@@ -136,3 +136,54 @@ def test_every_shipped_config_loads_and_names_real_timm_models(path: Path) -> No
 
 def test_shipped_configs_are_the_expected_ones() -> None:
     assert {p.name for p in CONFIGS} >= {"default.yaml", "demo.yaml"}
+
+
+def test_every_problem_of_a_file_is_reported_together(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learnrate: 0.1\n  epochs: 1.5\n  batch_size: 1\nfoo: 1\ndata:\n  k: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 5 config problems:")
+    for part in (
+        "unknown config key 'train.learnrate'",
+        "unknown config key 'foo'",
+        "train.epochs: 1.5 does not fit type int",
+        "train.batch_size: 1 is out of range",
+        "data.k: 1 is out of range",
+    ):
+        assert part in message, part
+    # one problem keeps the one-line form
+    path.write_text("train:\n  epochs: 1.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: train.epochs: 1.5 does not fit type int"
+
+
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\ntrain:\n#  epochs: 5\naugment:\n")
+    cfg = load_config(path)
+    assert cfg.seed == 3 and cfg.train == RunConfig().train and cfg.augment == RunConfig().augment
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("train.learning_rate", "train.lr"),
+        ("lr", "train.lr"),
+        ("train.bs", "train.batch_size"),
+        ("batch", "train.batch_size"),
+        ("train.epoch", "train.epochs"),
+        ("data.size", "data.img_size"),
+        ("image_size", "data.img_size"),
+        ("data.num_workers", "data.workers"),
+        ("data.folds", "data.k"),
+        ("n_folds", "data.k"),
+        ("train.img_size", "data.img_size"),
+        ("model", "backbones"),
+    ],
+)
+def test_did_you_mean_knows_common_synonyms(typo: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown config key '{typo}'; did you mean '{meant}'"):
+        parse_override(f"{typo}=1")

@@ -72,6 +72,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_oof(
     killed = _main_subprocess(tiny_data, tmp_path, *extra, kill_at=KILL_AT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / OOF).exists()
+    killed_log = (tmp_path / RUN / "train.log").read_text(encoding="utf-8")
+    assert "epoch 1/3" in killed_log
     last = load_checkpoint(tmp_path / RUN / "last.pt")
     # without --save-every the last save is epoch 1's end; with 2, batch 2 of epoch 2 (step 7)
     expected = (2, 0, 5) if save_every is None else (2, 2, 7)
@@ -84,6 +86,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_oof(
     )
     _assert_same_run(tmp_path, uninterrupted)
     assert load_checkpoint(tmp_path / RUN / "last.pt")["step"] == 15
+    # the resumed run appends to train.log: the killed run's epochs stay in it
+    log_text = (tmp_path / RUN / "train.log").read_text(encoding="utf-8")
+    assert log_text.startswith(killed_log) and "resuming from" in log_text and "epoch 3/3" in log_text
 
 
 def _assert_same_run(a: Path, b: Path) -> None:

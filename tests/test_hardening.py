@@ -1,0 +1,125 @@
+"""Hardening: a device change never retrains a finished fold; a retrain says why, loudly; corrupt JSON
+artifacts stop with exit 2 naming the file and the way out; batches and training splits of one image
+are refused clearly; image names pandas would read as missing values survive the OOF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import train_tiny
+
+import ensemble
+from foldkit.cli import run
+from foldkit.config import load_config, parse_override, to_dict
+from foldkit.folds import load_folds
+from foldkit.io import FoldkitError
+from foldkit.oof import ModelOOF, _model_column
+from foldkit.preflight import read_json_artifact
+from foldkit.resume import check_compatible, config_changes
+
+OOF = "oof/demo/test_efficientnet/fold0.csv"
+SIDECAR = "oof/demo/test_efficientnet/fold0.json"
+ONE_FOLD = ["--model", "test_efficientnet", "--fold", "0"]
+
+
+def test_device_is_harmless_for_resume_and_for_finished_folds(tmp_path: Path) -> None:
+    cpu = to_dict(load_config(None, [parse_override("device=cpu")]))
+    auto = to_dict(load_config(None, [parse_override("device=auto")]))
+    assert config_changes(cpu, auto) == []
+    ckpt = {"config": cpu, "folds_hash": "h", "backbone": "b", "fold": 0}
+    check_compatible(ckpt, auto, "h", "b", 0, tmp_path / "last.pt")  # a --devices run resumes plainly
+
+
+def test_finished_fold_trained_on_another_device_is_skipped(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    # ``trained`` ran with the demo config's device: cpu, as a --devices cpu job would
+    oof = trained_copy / OOF
+    mtime = oof.stat().st_mtime_ns
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--device", "auto") == 0
+    err = capsys.readouterr().err
+    assert "test_efficientnet fold 0: finished (its OOF matches best.pt): skipped" in err
+    assert "training it again" not in err
+    assert oof.stat().st_mtime_ns == mtime
+
+
+def test_retraining_a_finished_fold_warns_naming_the_folds_change(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    sidecar = trained_copy / SIDECAR
+    sidecar.write_text(sidecar.read_text().replace('"folds_hash": "', '"folds_hash": "0000'))
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "finished with other settings" in x]
+    assert (
+        " WARNING test_efficientnet fold 0: finished with other settings (the folds changed: folds hash 0000"
+        in (line)
+    )
+    assert "()" not in line
+    # a fresh (not resumed) run starts a new train.log: one epoch 1 line, not the old run's too
+    log_text = (trained_copy / "models/demo/test_efficientnet/fold0/train.log").read_text()
+    assert log_text.count("epoch 1/1") == 1
+
+
+def test_corrupt_folds_json_stops_main_naming_it_and_refold(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    meta = trained_copy / "folds/folds.json"
+    meta.write_text(meta.read_text()[:20])
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD) == 2
+    err = capsys.readouterr().err
+    assert f"error: {meta} is unreadable" in err and "--refold" in err and "Traceback" not in err
+
+
+def test_truncated_oof_sidecar_stops_main_and_ensemble_naming_it(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    sidecar = trained_copy / SIDECAR
+    sidecar.write_text(sidecar.read_text()[:30])
+    # other fold settings: main.py's refold guard reads every sidecar to see who used the folds
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--set", "data.fold_seed=7") == 2
+    err = capsys.readouterr().err
+    assert f"error: {sidecar} is unreadable" in err and "--refold" in err
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data)]
+    assert run(ensemble.main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {sidecar} is unreadable" in err and "--model test_efficientnet --fold 0" in err
+    assert "--allow-partial" in err
+
+
+def test_json_artifact_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "folds.json"
+    path.write_text("[]")
+    with pytest.raises(FoldkitError, match=r"folds\.json is unreadable \(not a JSON object\); do this"):
+        read_json_artifact(path, "do this")
+
+
+def test_batch_of_one_is_refused_naming_the_key(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    assert train_tiny(tiny_data, tmp_path, *ONE_FOLD, "--batch", "1") == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: 1 is out of range (at least 2: BatchNorm" in err
+    assert not (tmp_path / "models").exists()
+
+
+def test_training_split_of_one_image_is_a_clear_error(tiny_data: Path, trained: Path, tmp_path: Path) -> None:
+    from foldkit.train import fit_fold
+
+    folds_df, meta = load_folds(trained)
+    folds_df = folds_df.assign(fold=np.where(np.arange(len(folds_df)) == 0, 1, 0))  # one image outside fold 0
+    overrides = ["data.k=2", "data.img_size=32", "train.batch_size=16", "train.epochs=1"]
+    cfg = load_config("configs/demo.yaml", [parse_override(o) for o in overrides])
+    with pytest.raises(FoldkitError, match=r"test_efficientnet fold 0: only 1 training image\(s\)"):
+        fit_fold(cfg, "test_efficientnet", 0, folds_df, meta["hash"], tiny_data, tmp_path, "demo")
+
+
+def test_oof_names_that_look_like_missing_values_survive(tmp_path: Path) -> None:
+    names = ["NA", "null", "None", "x"]
+    csv = tmp_path / "fold0.csv"
+    pd.DataFrame({"name": names, "label": [0, 1, 0, 1], "fold": 0, "prob": [0.1, 0.2, 0.3, 0.4]}).to_csv(
+        csv, index=False
+    )
+    model = ModelOOF("demo", "b", "b", tmp_path, {0: csv})
+    folds_df = pd.DataFrame({"name": names[::-1], "label": [1, 0, 1, 0], "fold": 0})
+    np.testing.assert_allclose(_model_column(model, folds_df), [0.4, 0.3, 0.2, 0.1])
