@@ -93,6 +93,10 @@ _FUZZY_OPTIONS = (
 )
 
 
+# the two commands that rebuild the folds (folds made anew retrain every model trained on the old ones)
+_REBUILD = "rebuild them with main.py --refold or python -m foldkit.folds --force"
+
+
 def folds_dir(work_dir: Path) -> Path:
     """``<work-dir>/folds``: where folds.csv and folds.json live."""
     return Path(work_dir) / "folds"
@@ -464,10 +468,10 @@ def _read_verified(work_dir: Path) -> tuple[bytes, dict]:
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise FoldkitError(f"{json_path} is unreadable ({exc}); rebuild with --force") from exc
+        raise FoldkitError(f"{json_path} is unreadable ({exc}); {_REBUILD}") from exc
     raw = csv_path.read_bytes()
     if not isinstance(meta, dict) or meta.get("hash") != _sha256(raw):
-        raise FoldkitError(f"{csv_path} does not match the hash in {json_path}; rebuild with --force")
+        raise FoldkitError(f"{csv_path} does not match the hash in {json_path}; {_REBUILD}")
     return raw, meta
 
 

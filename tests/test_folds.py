@@ -532,7 +532,10 @@ def test_load_folds_missing_or_tampered(tmp_path: Path) -> None:
     write_folds(df, tmp_path / "w", SETTINGS)
     csv = tmp_path / "w" / "folds" / "folds.csv"
     csv.write_text(csv.read_text().replace(",0\n", ",1\n", 1))
-    with pytest.raises(FoldkitError, match="does not match the hash"):
+    with pytest.raises(FoldkitError, match=r"does not match the hash.*main\.py --refold or"):
+        load_folds(tmp_path / "w")
+    (tmp_path / "w" / "folds" / "folds.json").write_text('{"k": 2, ')
+    with pytest.raises(FoldkitError, match=r"folds\.json is unreadable .*main\.py --refold"):
         load_folds(tmp_path / "w")
 
 
