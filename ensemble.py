@@ -127,8 +127,9 @@ def _add_inference(g: argparse._ArgumentGroup) -> None:
         dest="on_bad_image",
         choices=("error", "skip"),
         default=None,
-        help="test images that cannot be decoded: error names them all and stops; skip predicts them 0 "
-        "(real), the fallback, with a warning (default: each checkpoint's data.on_bad_image)",
+        help="test images that cannot be decoded: error names them all and stops (also those a store "
+        "recorded earlier with skip); skip predicts them 0 (real), the fallback, with a warning "
+        "(default: each checkpoint's data.on_bad_image)",
     )
     g.add_argument(
         "--tta",

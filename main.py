@@ -190,7 +190,7 @@ def train(args: argparse.Namespace) -> int:
     )
     from foldkit.folds import check_group_regex
 
-    check_group_regex(index.name, cfg.data.group_regex, cfg.data.allow_unmatched)  # before the store
+    check_group_regex(index.name, cfg.data, args.work_dir, args.refold)  # before the store decodes
     from foldkit import distributed
     from foldkit.train import fit_fold
 

@@ -166,13 +166,6 @@ _CHOICES = {
 TTA_NAMES = ("none", "hflip", "vflip", "d4", "rot90")
 
 
-#: What a range problem of these keys means, said where the plain "out of range" would leave one guessing.
-_RANGE_HINTS = {
-    "train.batch_size": "at least 2: BatchNorm cannot train on a batch of one image; with little "
-    "memory use a small batch and train.accum_steps",
-}
-
-
 def validate(cfg: RunConfig) -> None:
     """Check value ranges and choices that types alone cannot express; every problem in one error."""
     problems = config_problems(cfg)
@@ -201,8 +194,7 @@ def config_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"tta: {name!r} is not one of {', '.join(TTA_NAMES)}")
     for key, ok in _range_checks(cfg).items():
         if not ok:
-            hint = f" ({_RANGE_HINTS[key]})" if key in _RANGE_HINTS else ""
-            problems.append(f"{key}: {get_key(cfg, key)!r} is out of range{hint}")
+            problems.append(f"{key}: {get_key(cfg, key)!r} is out of range")
     return problems
 
 
@@ -221,7 +213,7 @@ def _range_checks(cfg: RunConfig) -> dict[str, bool]:
         "seed": cfg.seed >= 0,
         "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
         "train.epochs": tc.epochs >= 1,
-        "train.batch_size": tc.batch_size >= 2,  # BatchNorm: "expected more than 1 value per channel"
+        "train.batch_size": tc.batch_size >= 1,  # 1 trains where BatchNorm sees >1 pixel (train.py)
         "train.accum_steps": tc.accum_steps >= 1,
         "train.lr": math.isfinite(tc.lr) and tc.lr > 0,
         "train.min_lr": math.isfinite(tc.min_lr) and 0 <= tc.min_lr <= tc.lr,
@@ -260,7 +252,7 @@ def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
 #: Names other tools (and habit) use for a config key, by the last part of the dotted key: difflib
 #: alone matches spelling, so ``train.learning_rate`` came out as ``train.drop_rate``.
 _SYNONYMS = {
-    **dict.fromkeys(("learning_rate", "lr", "base_lr", "max_lr", "peak_lr"), "train.lr"),
+    **dict.fromkeys(("learning_rate", "learnrate", "lr", "base_lr", "max_lr", "peak_lr"), "train.lr"),
     **dict.fromkeys(("bs", "batch", "batchsize", "train_batch_size"), "train.batch_size"),
     **dict.fromkeys(("epoch", "n_epochs", "num_epochs", "max_epochs"), "train.epochs"),
     **dict.fromkeys(("size", "image_size", "imgsize", "input_size", "resolution"), "data.img_size"),
@@ -285,6 +277,8 @@ def suggest_key(key: str, valid: list[str]) -> str | None:
     """The valid key ``key`` most likely meant: a known synonym of its last part, the same name in
     another section (``train.img_size``), else the closest spelling."""
     leaf = key.rsplit(".", 1)[-1].lower().replace("-", "_")
+    if key == "data.seed":  # the folds' seed lives in data; the top-level seed is the training one
+        return "data.fold_seed"
     if _SYNONYMS.get(leaf) in valid:
         return _SYNONYMS[leaf]
     same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]

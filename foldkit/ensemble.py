@@ -258,7 +258,7 @@ def _source(opts: Options, ckpt: dict, index: pd.DataFrame, split: str, paths: l
     if key not in opts.stores:
         opts.stores[key] = open_images(
             opts.data_dir, opts.work_dir, index, split, cfg.data.cache, size, opts.workers,
-            opts.on_bad_image or cfg.data.on_bad_image,
+            (split == "test" and opts.on_bad_image) or cfg.data.on_bad_image,  # the option: test only
         )  # fmt: skip
     return opts.stores[key].source(paths)
 
@@ -276,13 +276,26 @@ def _checkpoint(opts: Options, m: ModelOOF, fold: int) -> Path:
 
 def open_test_images(opts: Options, oof: OOFSet) -> None:
     """Test mode, before anything is written: read the test label file and decode every test image
-    (into the store the first model predicts from), so a bad test input stops the run with the OOF
-    report and the previous submission left as they were, not a report that disowns the submission."""
+    into each store (size, cache) the models predict from, so a bad test input stops the run with
+    the OOF report and the previous submission left as they were, not a report that disowns the
+    submission. ``--on-bad-image error`` also refuses images a store recorded earlier with skip."""
+    from foldkit.data import DataError
     from foldkit.predict import load_checkpoint
 
     test_df = read_test(opts.data_dir)
-    ckpt = load_checkpoint(_checkpoint(opts, oof.models[0], 0))
-    _source(opts, ckpt, test_df, "test", test_df.path.tolist())
+    for m in oof.models:  # fold 0 stands for every fold: one run trains a model's folds alike
+        _source(opts, load_checkpoint(_checkpoint(opts, m, 0)), test_df, "test", test_df.path.tolist())
+    bad = sorted(_test_bad(opts))
+    if bad and opts.on_bad_image == "error":
+        raise DataError(
+            [f"{opts.data_dir / p}: recorded unreadable when its store was built with skip" for p in bad],
+            "(--on-bad-image skip predicts them 0, the fallback; mend or replace the files to predict them)",
+        )
+
+
+def _test_bad(opts: Options) -> set[str]:
+    """Test image paths that the test stores (or file sets) this run opened could not decode."""
+    return set().union(*(images.bad for (split, *_), images in opts.stores.items() if split == "test"))
 
 
 def cached_probs(
@@ -318,7 +331,7 @@ def cached_probs(
         "n": len(df),
     }
     if cache.is_file() and _read_key(cache.with_suffix(".json")) == key:
-        cached = pd.read_csv(cache, dtype={"name": str})
+        cached = pd.read_csv(cache, dtype={"name": str}, keep_default_na=False)  # NA, null: names
         if cached.name.tolist() == df.name.tolist():
             log.info("%s fold %d: reusing %s", m.key, fold, cache)
             return cached.prob.to_numpy(dtype=np.float64)
@@ -449,8 +462,7 @@ def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, l
     file sets) this run opened, all current; older stores of other sizes may record since-fixed files."""
     from foldkit.store import BAD_IMAGE_LABEL
 
-    bad = set().union(*(images.bad for (split, *_), images in opts.stores.items() if split == "test"))
-    rows = np.flatnonzero(test_df.path.isin(bad).to_numpy())
+    rows = np.flatnonzero(test_df.path.isin(_test_bad(opts)).to_numpy())
     if len(rows):
         labels[rows], probs[rows] = BAD_IMAGE_LABEL, 0.0
         shown = ", ".join(test_df.name.iloc[rows[:5]])
@@ -467,6 +479,8 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     mean -> the tuned threshold -> ``submissions/<exp>/prediction.txt`` and ``probs.csv``."""
     from foldkit.calibrate import fold_average
 
+    if not any(split == "test" for split, *_ in opts.stores):  # fit() ran without check_test
+        open_test_images(opts, fitted.oof)
     test_df = read_test(opts.data_dir)
     images_key = _images_key(opts.data_dir, test_df)
     # every model's OOF shares one TTA (checked in fit); other TTA predictions get their own cache

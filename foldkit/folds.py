@@ -127,11 +127,22 @@ def settings_changes(old: dict, new: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_group_regex(names: pd.Series, group_regex: str | None, allow_unmatched: bool = False) -> None:
+def check_group_regex(names: pd.Series, data: DataConfig, work_dir: Path, refold: bool = False) -> None:
     """The group regex's coverage check on the names alone, for callers that would otherwise decode
-    every image (the store) before making the folds tells them the regex does not fit."""
-    if group_regex:
-        _regex_keys(names, group_regex, allow_unmatched)
+    every image (the store) before making the folds tells them the regex does not fit. Skipped when
+    the folds on disk were made with these settings and ``refold`` is off: they are reused then, and
+    may have been made with ``python -m foldkit.folds --allow-unmatched``."""
+    settings = fold_settings(data)
+    if not settings["group_regex"]:
+        return
+    if not refold:
+        try:
+            _, meta = _read_verified(Path(work_dir))
+        except FoldkitError:
+            meta = None
+        if meta is not None and not settings_changes(meta, settings):
+            return
+    _regex_keys(names, settings["group_regex"], data.allow_unmatched)
 
 
 def _regex_keys(names: pd.Series, group_regex: str, allow_unmatched: bool = False) -> np.ndarray:

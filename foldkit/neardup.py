@@ -30,7 +30,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from foldkit.data import DataError
+from foldkit.data import DataError, to_rgb
 
 logger = logging.getLogger("foldkit.neardup")
 #: Side of the grey thumbnail of the pixel check: 256 bytes an image (82 MB at 320,000 images). On the
@@ -82,8 +82,8 @@ def _fingerprint_one(path: str) -> tuple[tuple[int, int, bytes] | None, str | No
 
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
-        arr = np.asarray(rgb)
+            arr = to_rgb(im)  # the store's own decoding (16-bit grey scaled, not clipped to white)
+        rgb = Image.fromarray(arr)
         pixels = hashlib.blake2b(repr(arr.shape).encode() + arr.tobytes(), digest_size=8).digest()
         grey = rgb.convert("L")
         phash = int(str(imagehash.phash(grey, hash_size=8)), 16)

@@ -84,8 +84,9 @@ def _read_meta(path: Path, exp: str, backbone: str, fold: int) -> dict:
     return read_json_artifact(
         path,
         f"train that fold again to rewrite it and its csv (main.py --config CONFIG --exp {exp} --model "
-        f"{backbone} --fold {fold}: a finished run only predicts its OOF again), or delete it and "
-        f"{path.with_suffix('.csv').name} and pass --allow-partial to leave the fold out",
+        f"{backbone} --fold {fold}, the timm name if this folder's '_' stands for a '/': a finished run "
+        f"only predicts its OOF again), or delete it and {path.with_suffix('.csv').name} and pass "
+        "--allow-partial to blend without this model",
     )
 
 

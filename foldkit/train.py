@@ -689,8 +689,8 @@ def _train_fold(
         best_epoch, best_score = _epochs(trainer, train_dl, val_dl, val_df, paths, base, progress, save_every)
         distributed.barrier()  # rank 0 has written best.pt, which every rank predicts the OOF with
         write_oof(cfg, paths, val_df, images, folds_hash, device, trainer.dtype)
-    except torch.OutOfMemoryError:
-        raise FoldkitError(_oom_message(cfg, label)) from None
+    except (torch.OutOfMemoryError, ValueError) as exc:
+        raise _training_error(exc, cfg, label) from None
     return best_epoch, best_score
 
 
@@ -735,6 +735,22 @@ def _check_train_size(train_df: pd.DataFrame, label: str, folds_df: pd.DataFrame
         "the folds, after any unreadable ones were left out), and training needs at least 2: use more "
         "train/validate images or fewer folds (data.k)."
     )
+
+
+def _training_error(exc: Exception, cfg: RunConfig, label: str) -> Exception:
+    """What a user can do about a failed step: out of GPU memory, or BatchNorm given one value per
+    channel (a batch of one image where the last BatchNorm layer sees 1x1 pixels: the batch size
+    that trains depends on the model and image size, so it is not refused up front). Any other
+    error is returned unchanged."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return FoldkitError(_oom_message(cfg, label))
+    if "Expected more than 1 value per channel" in str(exc):
+        return FoldkitError(
+            f"{label}: BatchNorm got one value per channel ({exc}): train.batch_size "
+            f"{cfg.train.batch_size} is too small for this model at img_size {cfg.data.img_size}; use at "
+            "least 2 (with little memory, a small --batch and train.accum_steps)"
+        )
+    return exc
 
 
 def _oom_message(cfg: RunConfig, label: str) -> str:

@@ -140,7 +140,7 @@ def test_shipped_configs_are_the_expected_ones() -> None:
 
 def test_every_problem_of_a_file_is_reported_together(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  learnrate: 0.1\n  epochs: 1.5\n  batch_size: 1\nfoo: 1\ndata:\n  k: 1\n")
+    path.write_text("train:\n  learnrate: 0.1\n  epochs: 1.5\n  batch_size: 0\nfoo: 1\ndata:\n  k: 1\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
@@ -149,7 +149,7 @@ def test_every_problem_of_a_file_is_reported_together(tmp_path: Path) -> None:
         "unknown config key 'train.learnrate'",
         "unknown config key 'foo'",
         "train.epochs: 1.5 does not fit type int",
-        "train.batch_size: 1 is out of range",
+        "train.batch_size: 0 is out of range",
         "data.k: 1 is out of range",
     ):
         assert part in message, part
@@ -182,6 +182,8 @@ def test_a_section_with_every_key_commented_out_is_empty(tmp_path: Path) -> None
         ("n_folds", "data.k"),
         ("train.img_size", "data.img_size"),
         ("model", "backbones"),
+        ("data.seed", "data.fold_seed"),
+        ("train.learnrate", "train.lr"),
     ],
 )
 def test_did_you_mean_knows_common_synonyms(typo: str, meant: str) -> None:

@@ -310,6 +310,11 @@ def test_wide_grey_images_are_scaled_not_clipped(tmp_path: Path) -> None:
             assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
             np.testing.assert_allclose(arr[..., 0], expected, atol=1, err_msg=name)
             assert (arr[..., 0] == arr[..., 2]).all()
+    from foldkit.neardup import _fingerprint_one  # duplicate grouping decodes the same way
+
+    Image.fromarray(np.flipud(ramp).astype(np.uint16)).save(tmp_path / "g16b.png")
+    (a, _), (b, _) = _fingerprint_one(str(tmp_path / "g16.png")), _fingerprint_one(str(tmp_path / "g16b.png"))
+    assert a[1] != b[1], "two different 16-bit images are not the same pixels"
     eight = np.arange(256, dtype=np.int32).reshape(16, 16)
     Image.fromarray(eight).save(tmp_path / "i8.tif")  # 8-bit values stored as mode I stay as they are
     assert (load_rgb(tmp_path / "i8.tif")[..., 1] == eight).all()

@@ -678,6 +678,20 @@ def test_main_py_checks_the_group_regex_before_decoding_any_image(
     assert not (work / "store").exists() and not (work / "folds").exists()
 
 
+def test_main_py_reuses_folds_made_with_allow_unmatched(tmp_path: Path) -> None:
+    """Folds the folds CLI built with --allow-unmatched are current for main.py with the same
+    config: the early regex check must not refuse what ensure_folds would reuse."""
+    from conftest import train_tiny
+
+    md5 = [hashlib.md5(str(i).encode()).hexdigest() + ".png" for i in range(8)]
+    data, work = make_data(tmp_path, names=[*md5, *(f"S{i % 16}_{i}.png" for i in range(32))]), tmp_path / "w"
+    assert cli(data, work, "--config", "configs/demo.yaml", "--k", "2", "--allow-unmatched") == 0
+    before = (work / "folds" / "folds.csv").read_bytes()
+    assert train_tiny(data, work, "--model", "test_efficientnet", "--fold", "0") == 0
+    assert (work / "folds" / "folds.csv").read_bytes() == before
+    assert train_tiny(data, tmp_path / "fresh", "--model", "test_efficientnet", "--fold", "0") == 2
+
+
 def test_cli_unmatched_regex_error_and_its_options(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

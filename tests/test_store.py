@@ -407,11 +407,38 @@ def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
     assert [line.split()[0] for line in lines] == test.name.tolist()
     assert lines[2] == f"{test.name.iloc[2]} 0"
     assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
+    assert run(ensemble.main, [*argv, "--on-bad-image", "error"]) == 2  # explicit: no silent fallback
+    assert f"{bad}: recorded unreadable when its store was built with skip" in capsys.readouterr().err
     store_argv = ["--data-dir", str(data), "--work-dir", str(trained_copy), "--img-size", "24"]
     assert main([*store_argv, "--on-bad-image", "skip"]) == 0  # a store of another size records it too
     bad.write_bytes((data / test.path.iloc[3]).read_bytes())  # mended: both stores' records are stale
     assert run(ensemble.main, argv) == 0
     assert "unreadable test image" not in capsys.readouterr().err
+
+
+def test_every_models_test_store_is_checked_before_the_report_is_rewritten(
+    data: Path, trained_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two experiments blended, with other store sizes and bad-image policies: the second one's
+    store must be checked up front too, not after the report was written from the first."""
+    from conftest import train_tiny
+
+    import ensemble
+    from foldkit.cli import run
+
+    small = ("--exp", "small", "--model", "test_efficientnet", "--set", "data.store_size=24")
+    assert train_tiny(data, trained_copy, *small, "--set", "data.on_bad_image=skip") == 0
+    argv = ["--exp", "small,demo", "--work-dir", str(trained_copy), "--data-dir", str(data), "--mode", "test"]
+    assert run(ensemble.main, [*argv, "--allow-partial"]) == 0
+    outputs = [*(trained_copy / "oof/small+demo").glob("report.*")]
+    outputs.append(trained_copy / "submissions/small+demo/prediction.txt")
+    made = {p: p.read_bytes() for p in outputs}
+    bad = data / read_test(data).path.iloc[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    capsys.readouterr()
+    assert run(ensemble.main, [*argv, "--allow-partial"]) == 2  # small's store skips it, demo's stops
+    assert f"{bad} (" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in made} == made
 
 
 def test_skipped_test_image_gets_the_fallback_without_a_store(
