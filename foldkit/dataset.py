@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from foldkit.store import opencv_for_workers, resolve_workers
+from foldkit.store import opencv_for_workers, opencv_in_worker, resolve_workers
 
 Item = tuple[torch.Tensor, torch.Tensor, int]  # one image: (uint8 HxWx3, float32 label, index)
 
@@ -211,4 +211,5 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         collate_fn=collate,
+        worker_init_fn=opencv_in_worker if workers > 0 else None,
     )

@@ -83,6 +83,14 @@ def opencv_for_workers() -> None:
     cv2.setNumThreads(0)
 
 
+def opencv_in_worker(*_: object) -> None:
+    """DataLoader ``worker_init_fn``: a worker started by spawn or forkserver (macOS; Linux from
+    Python 3.14) did not inherit ``opencv_for_workers``' setting and gets it here, in a fresh
+    process where that is safe. A forked worker inherited it (one thread) and is left alone."""
+    if cv2.getNumThreads() > 1:
+        cv2.setNumThreads(0)
+
+
 def store_dir(work_dir: Path, split: str, size: tuple[int, int]) -> Path:
     """``<work-dir>/store/<split>-<H>x<W>``: one store per split group and pixel size."""
     return Path(work_dir) / "store" / f"{split}-{size[0]}x{size[1]}"

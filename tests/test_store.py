@@ -313,6 +313,11 @@ def test_loader_workers_and_store_pool_run_opencv_single_threaded(data: Path, tm
             mp.setattr(store_mod, "_CHUNK", 8)  # several tasks, so the pool really forks
             ensure_store(data, tmp_path / "w", read_trainval(data), "trainval", workers=2)
         assert cv2.getNumThreads() == 1  # the store pool's workers inherit it
+        cv2.setNumThreads(2)  # a spawned worker (macOS, Python 3.14's Linux default) inherits nothing
+        loader = make_loader(_ThreadProbe(), 4, shuffle=False, workers=1, seed=0)
+        cv2.setNumThreads(2)
+        loader.worker_init_fn(0)
+        assert cv2.getNumThreads() == 1
     finally:
         cv2.setNumThreads(-1)
 
