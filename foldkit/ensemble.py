@@ -518,12 +518,39 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     for j, m in enumerate(fitted.oof.models):
         table[f"prob_{m.key}"] = T[:, j]
     atomic_write_text(out_dir / "probs.csv", table.to_csv(index=False, float_format="%.8f"))
+    record = json.dumps(run_record(opts, fitted, threshold), indent=2, default=str)
+    atomic_write_text(out_dir / "ensemble.json", record + "\n")
     if opts.prediction_file is not None:
         write_submission(opts.prediction_file, names, labels, expected)
         print(f"copy: {opts.prediction_file}")
     summary = f"{len(labels)} rows, {labels.mean():.1%} fake, threshold {threshold:.4f}"
     print(f"submission: {pred} ({summary}, {fitted.report['summary']['method']})")
     return pred
+
+
+def run_record(opts: Options, fitted: Fitted, threshold: float) -> dict[str, Any]:
+    """What made the submission, saved beside it (``ensemble.json``): every option as resolved, the
+    command, the chosen ensemble and its threshold, the models and folds. The report holds the
+    numbers; this lets the same submission be made again."""
+    import sys
+    from dataclasses import fields
+
+    from foldkit import __version__
+    from foldkit.select import NOISE_Z, SELECT_BY
+
+    options = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "stores"}
+    options["noise_z"] = NOISE_Z if opts.noise_z is None else opts.noise_z  # the defaults, as applied
+    options["select_by"] = opts.select_by or SELECT_BY
+    return {
+        "foldkit_version": __version__,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "options": options,
+        "tta": list(fitted.tta),
+        "method": fitted.report["summary"]["method"],
+        "threshold": float(threshold),
+        "models": [m.key for m in fitted.oof.models],
+        "folds_hash": fitted.oof.folds_hash,
+    }
 
 
 def fold_pipelines(

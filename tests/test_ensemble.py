@@ -56,6 +56,12 @@ def test_test_mode_writes_a_valid_submission_from_the_oof_fitted_blend(
     assert sub.name.tolist() == read_test(tiny_data).name.tolist()
     assert set(sub.label) <= {0, 1}
     assert copy.read_bytes() == (trained_copy / "submissions/demo/prediction.txt").read_bytes()
+    record = json.loads((trained_copy / "submissions/demo/ensemble.json").read_text())
+    assert record["options"]["blend"] == "mean" and record["options"]["calibration"] == "none"
+    assert record["options"]["exps"] == ["demo"] and record["method"] == "mean"
+    assert sorted(record["models"]) == ["test_convnext", "test_efficientnet"]
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    assert record["threshold"] == pytest.approx(report["blend"]["test_threshold"])
     probs = pd.read_csv(trained_copy / "submissions/demo/probs.csv", dtype={"name": str})
     # each fold's two models blended (the mean blend, as fitted), then the folds' log-odds mean
     fold_probs = [
