@@ -223,6 +223,21 @@ def last_error(path: Path) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "(empty log)").strip()
 
 
+def failure(code: int, log_path: Path) -> str:
+    """Why a job failed: the signal that ended it (its log then stops mid-run, its last line says
+    nothing), else its own ``error:`` line."""
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = " (the kernel's out-of-memory killer sends it: too many workers or too large a batch?)"
+        return f"killed by {name}{oom if -code == signal.SIGKILL else ''}"
+    return last_error(log_path)
+
+
 def summarize(results: list[JobResult]) -> None:
     """Log every job's outcome; raise naming the failed jobs and their logs (exit status 2)."""
     failed = [r for r in results if r.returncode != 0]
@@ -232,7 +247,8 @@ def summarize(results: list[JobResult]) -> None:
     )  # fmt: skip
     if failed:
         lines = [
-            f"{r.job.name} on {r.device} (exit {r.returncode}): {last_error(r.job.log)}\n    log: {r.job.log}"
+            f"{r.job.name} on {r.device} (exit {r.returncode}): {failure(r.returncode, r.job.log)}\n"
+            f"    log: {r.job.log}"
             for r in failed
         ]
         raise FoldkitError(

@@ -208,20 +208,22 @@ def test_failed_jobs_are_reported_at_the_end_and_the_others_finish(tmp_path: Pat
         "code = int(sys.argv[sys.argv.index('--code') + 1])\n"
         "print('12:00:00 INFO toy fold 0 epoch 1/1: train_loss 0.5', flush=True)\n"
         "time.sleep(0.3)\n"
+        "if code == 9: import os, signal; os.kill(os.getpid(), signal.SIGKILL)\n"
         "print('error: broken on purpose' if code else 'ok')\n"
         "sys.exit(code)\n"
     )
     jobs = [
         Job(k, "toy", ["--code", str(code)], tmp_path / f"logs/toy-fold{k}.log")
-        for k, code in enumerate([0, 2, 0])
+        for k, code in enumerate([0, 2, 0, 9])
     ]
     results = run_jobs(jobs, ["cpu", "cpu"], fake, "cpu", poll_s=0.05)
-    assert sorted((r.job.fold, r.returncode) for r in results) == [(0, 0), (1, 2), (2, 0)]
+    assert sorted((r.job.fold, r.returncode) for r in results) == [(0, 0), (1, 2), (2, 0), (3, -9)]
     with pytest.raises(FoldkitError) as exc:
         summarize(results)
     message = str(exc.value)
-    assert message.startswith("1 of 3 job(s) failed")
+    assert message.startswith("2 of 4 job(s) failed")
     assert "toy fold 1 on cpu (exit 2): error: broken on purpose" in message
+    assert "toy fold 3 on cpu (exit -9): killed by SIGKILL (the kernel's out-of-memory killer" in message
     assert str(tmp_path / "logs/toy-fold1.log") in message
     assert "toy fold 0 epoch 1/1: train_loss 0.5" in caplog.text
 
