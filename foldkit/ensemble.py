@@ -8,6 +8,7 @@ threshold.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -151,6 +152,15 @@ def train_command(opts: Options, exp: str, fold: str = "all", model: str | None 
     words += ["--data-dir", str(opts.data_dir), "--work-dir", str(opts.work_dir), "--fold", fold]
     words += ["--model", model] if model else []
     return shlex.join(words)
+
+
+def retrain_command(opts: Options, m: ModelOOF, folds: list[int], like: int) -> str:
+    """The ``main.py`` command that retrains ``m``'s ``folds`` with fold ``like``'s saved config (the
+    resolved one, overrides included), to paste; their other settings make them train again."""
+    config = m.checkpoint(opts.work_dir, like).with_name("config.yaml")
+    words = ["python", "main.py", "--config", str(config), "--exp", m.exp, "--model", m.backbone]
+    words += ["--data-dir", str(opts.data_dir), "--work-dir", str(opts.work_dir)]
+    return shlex.join([*words, "--fold", ",".join(map(str, folds))])
 
 
 def _gaps(work_dir: Path, exp: str, k: int) -> dict[str, list[int]]:
@@ -406,7 +416,7 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
     from foldkit.select import fit_candidate
 
     try:
-        oof = load_oof(opts.work_dir, opts.exps, opts.allow_partial)
+        oof = load_oof(opts.work_dir, opts.exps, opts.allow_partial, functools.partial(retrain_command, opts))
     except FoldkitError as exc:
         raise FoldkitError(_real_commands(str(exc), opts)) from exc
     if check_test:

@@ -8,6 +8,7 @@ weights fitted here would not mean what they claim.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,16 +133,40 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
     return out
 
 
-def check_fold_configs(models: list[ModelOOF]) -> list[str]:
+def odd_folds(m: ModelOOF) -> tuple[list[int], int | None]:
+    """The folds of ``m`` trained with another config than most of its folds (ties: the lowest
+    fold's config counts as the common one), and a fold trained with the common one."""
+    signature = {
+        k: repr(
+            sorted((key, v) for key, v in flatten(meta["config"]).items() if key not in FOLD_HARMLESS_KEYS)
+        )
+        for k, meta in sorted(m.metas.items())
+        if "config" in meta
+    }
+    if len(set(signature.values())) < 2:
+        return [], None
+    common = max(signature.values(), key=list(signature.values()).count)  # first of the most frequent
+    return [k for k, sig in signature.items() if sig != common], next(
+        k for k, sig in signature.items() if sig == common
+    )
+
+
+def check_fold_configs(
+    models: list[ModelOOF], retrain: Callable[[ModelOOF, list[int], int], str] | None = None
+) -> list[str]:
     """Warn, naming model, keys and folds, when one model's folds were trained with different configs.
     A warning, not a refusal: a deliberate change (e.g. more epochs on one fold) stays possible, but
-    never silent. Returns the warned lines (for tests)."""
+    never silent. ``retrain(model, odd folds, a common fold)``: the command that retrains the odd
+    folds like the others (ensemble.py knows the data and work folders). Returns the warned lines."""
     lines = [f"{m.key}: {d}" for m in models for d in fold_config_differences(m)]
     if lines:
+        commands = [retrain(m, *odd_folds(m)) for m in models if retrain and odd_folds(m)[0]]
+        how = "\n  ".join(commands) if commands else "python main.py --fold K, with the other folds' config"
         log.warning(
-            "folds of one model were trained with different configs and are blended as one model; "
-            "retrain the odd folds with the same config (python main.py --fold K):\n  %s",
+            "folds of one model were trained with different configs and are blended as one model:\n  %s\n"
+            "retrain the odd folds like the others:\n  %s",
             "\n  ".join(lines),
+            how,
         )
     return lines
 
@@ -224,7 +249,12 @@ def check_checkpoints(models: list[ModelOOF], work_dir: Path) -> None:
         )
 
 
-def load_oof(work_dir: Path, exps: list[str], allow_partial: bool = False) -> OOFSet:
+def load_oof(
+    work_dir: Path,
+    exps: list[str],
+    allow_partial: bool = False,
+    retrain: Callable[[ModelOOF, list[int], int], str] | None = None,
+) -> OOFSet:
     """Load, check and align every complete model of ``exps``; name what is missing (exit 2), or with
     ``allow_partial`` leave incomplete models out and say which."""
     folds_df, meta = load_folds(work_dir)
@@ -248,7 +278,7 @@ def load_oof(work_dir: Path, exps: list[str], allow_partial: bool = False) -> OO
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
     check_hashes(complete, current)
     check_checkpoints(complete, work_dir)
-    check_fold_configs(complete)
+    check_fold_configs(complete, retrain)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])
     y, folds = folds_df.label.to_numpy().astype(int), folds_df.fold.to_numpy()
     return OOFSet(folds_df.name.to_numpy(), y, folds, P, complete, current, k, left_out, folds_df)

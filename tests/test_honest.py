@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shlex
 import zlib
 from pathlib import Path
 
@@ -212,6 +213,25 @@ def test_folds_with_different_configs_are_warned_by_key_and_fold(
     assert lines[0].startswith("test_convnext: train.lr: fold 0 ")
     assert "fold 1 0.123" in lines[0]
     assert "train.lr" in caplog.text and "test_efficientnet" not in caplog.text
+
+
+def test_odd_folds_get_a_command_that_retrains_them_like_the_others(
+    trained_copy: Path, tiny_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The warning names a command to paste: the odd fold, retrained with a common fold's saved
+    config; run as printed, it leaves one config for the model and the warning goes."""
+    _edit_config(trained_copy, "test_convnext", 1, "train", "lr", 0.123)  # fold 1 now looks odd
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data)]
+    assert run(ensemble.main, argv) == 0
+    err = capsys.readouterr().err
+    (command,) = [ln.strip() for ln in err.splitlines() if ln.strip().startswith("python main.py")]
+    config = trained_copy / "models/demo/test_convnext/fold0/config.yaml"
+    assert command == shlex.join(
+        ["python", "main.py", "--config", str(config), "--exp", "demo", "--model", "test_convnext",
+         "--data-dir", str(tiny_data), "--work-dir", str(trained_copy), "--fold", "1"]
+    )  # fmt: skip
+    assert run(main.main, shlex.split(command)[2:]) == 0
+    assert check_fold_configs(load_oof(trained_copy, ["demo"]).models) == []
 
 
 def test_folds_with_one_config_are_not_warned(trained: Path, caplog: pytest.LogCaptureFixture) -> None:
