@@ -6,6 +6,10 @@
     # GPU (one call, about five minutes): bare model step vs main.py's own loop, old vs new path
     python benchmarks/run.py --gpu --data-dir D --work-dir W [--old-tree PATH] [--out results.json]
 
+    # GPU: efficientnet_b0's loop with CUDA graphs (any main.py setting: --set, repeatable)
+    python benchmarks/run.py --gpu --sweep-workers 16 --epochs 3 --data-dir D --work-dir W \
+        --set train.compile=true --set train.compile_mode=reduce-overhead
+
 ``--quick`` prints ``store_vs_png=RATIO`` on its own line (the eval pipeline at the stored size, 112 px,
 batches ready for the model). ``--gpu`` runs, for ``tf_efficientnet_b3`` at 224 px and
 ``efficientnet_b0`` at 112 px (batch 128, bf16, channels_last, ``pretrained=false``):
@@ -202,6 +206,7 @@ def main_py_run(
         "--data-dir", str(args.data_dir), "--work-dir", str(work), "--fold", "0", "--epochs", "2",
         "--backbones", backbone, "--img-size", str(size), "--batch", str(args.batch),
         "--workers", str(os.cpu_count()), "--set", "pretrained=false", "--set", "data.near_dup=false", *extra,
+        *(word for text in args.overrides for word in ("--set", text)),
     ]  # fmt: skip
     pythonpath = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": pythonpath, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
@@ -265,6 +270,7 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
     DataLoader worker counts, ``--epochs`` each, against the bare step measured in the same call."""
     backbone, size = "efficientnet_b0", 112
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()}
+    out["main_py_set"] = list(args.overrides)
     for name, extras in (("bare", frozenset()), ("bare+recipe", RECIPE)):
         out[name] = bare_step(backbone, size, args.batch, extras)
         print(name, out[name], flush=True)
@@ -285,6 +291,7 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
+        "main_py_set": list(args.overrides),
     }
     print(out, flush=True)
     cases = [("tf_efficientnet_b3", 224), ("efficientnet_b0", 112)]
@@ -357,6 +364,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=240,
         help="--gpu: seconds of main.py runs before the old path is skipped",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--gpu: also pass --set KEY=VALUE to every main.py run, repeatable (e.g. train.compile=true "
+        "--set train.compile_mode=reduce-overhead: the loop with CUDA graphs against the eager bare step)",
     )
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     return p.parse_args(argv)
