@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from foldkit import PROJECT_ROOT
-from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
+from foldkit.cli import HelpFormatter, add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
 from foldkit.io import FoldkitError
 from foldkit.preflight import check_models, guard_refold, preflight
@@ -68,13 +68,8 @@ def _add_selection(g: argparse._ArgumentGroup) -> None:
 
 
 def _add_settings(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (dotted, YAML-typed), repeatable: --set train.ema=false (default: none)",
+    add_set_arg(
+        g, "override a config key (dotted, YAML-typed), repeatable: --set train.ema=false (default: none)"
     )
     for name, key in SHORTCUTS.items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])  # --img-size first

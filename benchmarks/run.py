@@ -49,6 +49,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+from foldkit.cli import add_set_arg  # noqa: E402
 from foldkit.data import load_rgb, read_trainval  # noqa: E402
 from foldkit.store import ensure_store  # noqa: E402
 
@@ -365,13 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=240,
         help="--gpu: seconds of main.py runs before the old path is skipped",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="--gpu: also pass --set KEY=VALUE to every main.py run, repeatable (e.g. train.compile=true "
+    add_set_arg(
+        p,
+        "--gpu: also pass --set KEY=VALUE to every main.py run, repeatable (e.g. train.compile=true "
         "--set train.compile_mode=reduce-overhead: the loop with CUDA graphs against the eager bare step)",
     )
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")

@@ -78,6 +78,13 @@ def add_path_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_set_arg(parser: argparse._ActionsContainer, help_text: str) -> None:
+    """``--set KEY=VALUE``, repeatable, collected in ``overrides``: every command spells it alike."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call ``main``; a FoldkitError becomes one clear message on stderr and exit status 2."""
     try:

@@ -47,7 +47,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from foldkit import PROJECT_ROOT
-from foldkit.cli import add_path_args, run, setup_logging
+from foldkit.cli import add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import MAX_HAMMING, DataConfig, load_config, parse_override
 from foldkit.data import INDEX_COLUMNS, read_trainval, survey_images
 from foldkit.io import FoldkitError, atomic_write_text
@@ -638,14 +638,10 @@ def build_parser(config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
         "give it the file main.py is given, and main.py reuses these folds",
     )
     add_path_args(p)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, repeatable, e.g. --set data.group_regex=null; the flags below win "
-        "over it (default: none)",
+    add_set_arg(
+        p,
+        "override a config key, repeatable, e.g. --set data.group_regex=null; the flags below win over it "
+        "(default: none)",
     )
     for flag, kind, value, text in (
         ("--k", int, d.k, "number of folds"),
