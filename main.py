@@ -24,13 +24,12 @@ from pathlib import Path
 from foldkit import PROJECT_ROOT
 from foldkit.cli import HelpFormatter, add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
-from foldkit.io import FoldkitError
+from foldkit.io import FoldkitError, listed
 from foldkit.preflight import check_models, guard_refold, preflight
 
 log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
 _NONE_MEANS = {"data.workers": "one per CPU core"}  # what a shortcut's null code default does
-_LISTED = 20  # checkpoints named when --model_name is not found
 
 
 def _code_default(key: str) -> object:
@@ -300,10 +299,7 @@ def resolve_checkpoint(name: str, work_dir: Path) -> Path:
     if path.is_file():
         return path
     found = sorted((work_dir / "models").rglob("best.pt"))  # last.pt: unfinished or last-epoch weights
-    shown = [str(f) for f in found[:_LISTED]]
-    if len(found) > _LISTED:
-        shown.append(f"... and {len(found) - _LISTED} more")
-    listing = "\n  ".join(shown) or "(none: train first with python main.py)"
+    listing = "\n  ".join(listed([str(f) for f in found])) or "(none: train first with python main.py)"
     raise FoldkitError(
         f"--model_name {name}: file not found. Best checkpoints under {work_dir / 'models'}:\n  {listing}"
     )

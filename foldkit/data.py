@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from foldkit.io import FoldkitError
+from foldkit.io import FoldkitError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ INDEX_COLUMNS = ["name", "path", "label", "source"]
 #: Label of test rows: the test split's labels are unknown (a second column there is a dummy).
 NO_LABEL = -1
 
-_MAX_LISTED = 20
 _MAX_TEXT = 80
 
 
@@ -44,9 +43,7 @@ class DataError(FoldkitError):
 
     def __init__(self, problems: Sequence[str], hint: str | None = None) -> None:
         self.problems = list(problems)
-        lines = [f"the data has {len(self.problems)} problem(s):", *self.problems[:_MAX_LISTED]]
-        if len(self.problems) > _MAX_LISTED:
-            lines.append(f"... and {len(self.problems) - _MAX_LISTED} more")
+        lines = [f"the data has {len(self.problems)} problem(s):", *listed(self.problems)]
         super().__init__("\n".join(lines + ([hint] if hint else [])))
 
 

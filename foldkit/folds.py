@@ -50,7 +50,7 @@ from foldkit import PROJECT_ROOT
 from foldkit.cli import add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import MAX_HAMMING, DataConfig, load_config, parse_override
 from foldkit.data import INDEX_COLUMNS, read_trainval, survey_images
-from foldkit.io import FoldkitError, atomic_write_text
+from foldkit.io import FoldkitError, atomic_write_text, read_json_artifact
 from foldkit.neardup import (
     LinkReport,
     fingerprint_images,  # looked up here at call time: tests and the benchmark substitute it
@@ -476,12 +476,9 @@ def _read_verified(work_dir: Path) -> tuple[bytes, dict]:
                 f"(builds them before training), or python -m foldkit.folds --config CONFIG "
                 f"--data-dir DATA --work-dir {work_dir}"
             )
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FoldkitError(f"{json_path} is unreadable ({exc}); {_REBUILD}") from exc
+    meta = read_json_artifact(json_path, _REBUILD)
     raw = csv_path.read_bytes()
-    if not isinstance(meta, dict) or meta.get("hash") != _sha256(raw):
+    if meta.get("hash") != _sha256(raw):
         raise FoldkitError(f"{csv_path} does not match the hash in {json_path}; {_REBUILD}")
     return raw, meta
 

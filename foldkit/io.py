@@ -1,4 +1,4 @@
-"""Atomic artifact writes and the toolkit's user-facing error type.
+"""Atomic artifact writes, reading them back, and the toolkit's user-facing error type.
 
 Every artifact is written to a temporary file in the destination folder and then moved into place
 with ``os.replace``, so a crash or Ctrl-C never leaves a half-written CSV or checkpoint behind that a
@@ -8,9 +8,10 @@ later step would trust.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -70,3 +71,27 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda fh: fh.write(data), mode="wb")
+
+
+def read_json_artifact(path: Path, recover: str) -> dict[str, Any]:
+    """A JSON object foldkit wrote (folds.json, an OOF sidecar), or a FoldkitError naming the file and
+    ``recover`` (how to make it again): a file truncated by a full disk or a copy must stop the run
+    with exit 2 and a way out, not a JSONDecodeError traceback."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FoldkitError(f"{path} is unreadable ({exc}); {recover}") from None
+    if not isinstance(data, dict):
+        raise FoldkitError(f"{path} is unreadable (not a JSON object); {recover}")
+    return data
+
+
+#: How many problems (or files) a message lists before it says how many more there are.
+MAX_LISTED = 20
+
+
+def listed(items: Sequence[str], limit: int = MAX_LISTED) -> list[str]:
+    """The first ``limit`` items, then ``... and N more``: long lists of problems stay readable and
+    still say how many there are."""
+    more = [f"... and {len(items) - limit} more"] if len(items) > limit else []
+    return [*items[:limit], *more]

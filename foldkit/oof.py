@@ -11,15 +11,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from foldkit.config import flatten
 from foldkit.folds import load_folds
-from foldkit.io import FoldkitError
+from foldkit.io import FoldkitError, read_json_artifact
 from foldkit.predict import file_sha256
-from foldkit.preflight import read_json_artifact
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
     blend weights and threshold belong to none of them. Harmless keys (``FOLD_HARMLESS_KEYS``) are
     left out; a sidecar without a config (older foldkit) is not compared.
     """
-    flat = {k: flatten(meta["config"]) for k, meta in sorted(m.metas.items()) if "config" in meta}
-    keys = sorted({key for cfg in flat.values() for key in cfg} - FOLD_HARMLESS_KEYS)
+    flat = _fold_configs(m)
+    keys = sorted({key for cfg in flat.values() for key in cfg})
     out = []
     for key in keys:
         values = {k: cfg.get(key) for k, cfg in flat.items()}
@@ -133,22 +133,24 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
     return out
 
 
-def odd_folds(m: ModelOOF) -> tuple[list[int], int | None]:
-    """The folds of ``m`` trained with another config than most of its folds (ties: the lowest
-    fold's config counts as the common one), and a fold trained with the common one."""
-    signature = {
-        k: repr(
-            sorted((key, v) for key, v in flatten(meta["config"]).items() if key not in FOLD_HARMLESS_KEYS)
-        )
+def _fold_configs(m: ModelOOF) -> dict[int, dict[str, Any]]:
+    """Fold -> its flattened config without the harmless keys (a sidecar without one: left out)."""
+    return {
+        k: {key: v for key, v in flatten(meta["config"]).items() if key not in FOLD_HARMLESS_KEYS}
         for k, meta in sorted(m.metas.items())
         if "config" in meta
     }
+
+
+def odd_folds(m: ModelOOF) -> tuple[list[int], int | None]:
+    """The folds of ``m`` trained with another config than most of its folds (ties: the lowest
+    fold's config counts as the common one), and a fold trained with the common one."""
+    signature = {k: repr(sorted(cfg.items())) for k, cfg in _fold_configs(m).items()}
     if len(set(signature.values())) < 2:
         return [], None
     common = max(signature.values(), key=list(signature.values()).count)  # first of the most frequent
-    return [k for k, sig in signature.items() if sig != common], next(
-        k for k, sig in signature.items() if sig == common
-    )
+    odd = [k for k, sig in signature.items() if sig != common]
+    return odd, next(k for k, sig in signature.items() if sig == common)
 
 
 def check_fold_configs(
@@ -160,7 +162,8 @@ def check_fold_configs(
     folds like the others (ensemble.py knows the data and work folders). Returns the warned lines."""
     lines = [f"{m.key}: {d}" for m in models for d in fold_config_differences(m)]
     if lines:
-        commands = [retrain(m, *odd_folds(m)) for m in models if retrain and odd_folds(m)[0]]
+        odd = [(m, *odd_folds(m)) for m in models] if retrain else []
+        commands = [retrain(m, folds, like) for m, folds, like in odd if folds]
         how = "\n  ".join(commands) if commands else "python main.py --fold K, with the other folds' config"
         log.warning(
             "folds of one model were trained with different configs and are blended as one model:\n  %s\n"

@@ -9,7 +9,6 @@ trained OOF files depend on.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,14 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from foldkit.config import RunConfig
-from foldkit.io import FoldkitError
+from foldkit.io import FoldkitError, listed, read_json_artifact
 
 if TYPE_CHECKING:  # torch loads only when a check needs it: --help and argument errors stay instant
     import pandas as pd
     from torch import nn
 
 log = logging.getLogger("foldkit.main")
-_MAX_LISTED = 20
 
 
 def parse_folds(text: str, k: int) -> list[int]:
@@ -79,19 +77,6 @@ def _sidecars_on(work_dir: Path, folds_hash: Any) -> list[Path]:
         if read_json_artifact(path, recover).get("folds_hash") == folds_hash:
             found.append(path)
     return found
-
-
-def read_json_artifact(path: Path, recover: str) -> dict[str, Any]:
-    """A JSON object foldkit wrote (folds.json, an OOF sidecar), or a FoldkitError naming the file and
-    ``recover`` (how to make it again): a file truncated by a full disk or a copy must stop the run
-    with exit 2 and a way out, not a JSONDecodeError traceback."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FoldkitError(f"{path} is unreadable ({exc}); {recover}") from None
-    if not isinstance(data, dict):
-        raise FoldkitError(f"{path} is unreadable (not a JSON object); {recover}")
-    return data
 
 
 def select_backbones(cfg: RunConfig, model: str | None) -> list[str]:
@@ -162,10 +147,7 @@ def preflight(
     if len(problems) == 1:
         raise FoldkitError(problems[0])
     if problems:
-        more = [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
-        raise FoldkitError(
-            "\n  ".join([f"{len(problems)} problems stop this run:", *problems[:_MAX_LISTED], *more])
-        )
+        raise FoldkitError("\n  ".join([f"{len(problems)} problems stop this run:", *listed(problems)]))
     return cfg, backbones, folds, index
 
 

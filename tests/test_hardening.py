@@ -15,9 +15,8 @@ import ensemble
 from foldkit.cli import run
 from foldkit.config import load_config, parse_override, to_dict
 from foldkit.folds import load_folds
-from foldkit.io import FoldkitError
+from foldkit.io import FoldkitError, read_json_artifact
 from foldkit.oof import ModelOOF, _model_column
-from foldkit.preflight import read_json_artifact
 from foldkit.resume import check_compatible, config_changes
 
 OOF = "oof/demo/test_efficientnet/fold0.csv"
