@@ -385,6 +385,19 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+#: Config keys that never change which model a fold is: they decide how fast batches are made, where
+#: the run ran, how long ranks wait for each other, or which other backbones the run trained. A
+#: resumed run may change them (``foldkit.resume``), and a model's folds may differ in them without
+#: being called a mix (``foldkit.oof``). ``device`` is here because ``main.py --devices`` gives each
+#: job its own (``--device cpu``, ``cuda:1``): a later plain run (``device: auto``) must neither retrain
+#: those folds nor refuse to resume them. ``train.epochs`` is deliberately not here: the cosine
+#: schedule's length is derived from it, so a resumed run with other epochs would follow neither
+#: schedule.
+HARMLESS_KEYS = frozenset(
+    {"data.workers", "data.prefetch_factor", "backbones", "train.dist_timeout_s", "device"}
+)
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config dict (``to_dict``) as ``{"train.lr": 0.001, ...}``: how configs are compared
     and how their differences are named."""

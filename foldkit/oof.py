@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foldkit.config import flatten
+from foldkit.config import HARMLESS_KEYS, flatten
 from foldkit.folds import load_folds
 from foldkit.io import FoldkitError, read_json_artifact
 from foldkit.predict import file_sha256
@@ -110,17 +110,12 @@ def check_hashes(models: list[ModelOOF], current: str) -> None:
         )
 
 
-#: Config keys that may differ between the folds of one model: they change how fast a run goes or
-#: where it ran, or which other backbones it trained, never which numbers it computes.
-FOLD_HARMLESS_KEYS = frozenset({"data.workers", "data.prefetch_factor", "backbones", "device"})
-
-
 def fold_config_differences(m: ModelOOF) -> list[str]:
     """``key: fold 0 a, fold 1 b`` for every config key on which this model's folds disagree.
 
     Why: a model's folds are averaged at test time and its OOF column is scored as one model; folds
     trained with other learning rates, epochs or image sizes make that column a mix of models whose
-    blend weights and threshold belong to none of them. Harmless keys (``FOLD_HARMLESS_KEYS``) are
+    blend weights and threshold belong to none of them. Harmless keys (``HARMLESS_KEYS``) are
     left out; a sidecar without a config (older foldkit) is not compared.
     """
     flat = _fold_configs(m)
@@ -136,7 +131,7 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
 def _fold_configs(m: ModelOOF) -> dict[int, dict[str, Any]]:
     """Fold -> its flattened config without the harmless keys (a sidecar without one: left out)."""
     return {
-        k: {key: v for key, v in flatten(meta["config"]).items() if key not in FOLD_HARMLESS_KEYS}
+        k: {key: v for key, v in flatten(meta["config"]).items() if key not in HARMLESS_KEYS}
         for k, meta in sorted(m.metas.items())
         if "config" in meta
     }

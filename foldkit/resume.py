@@ -26,22 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from foldkit.config import RunConfig, flatten, to_dict
+from foldkit.config import HARMLESS_KEYS, RunConfig, flatten, to_dict
 from foldkit.io import FoldkitError
 from foldkit.predict import file_sha256
 
 log = logging.getLogger(__name__)
-
-#: Config keys a resumed run may change, and a finished fold may differ in without being trained
-#: again: they decide how fast batches are made, where the run ran, or which other backbones it
-#: trains, never which model this fold is. ``device`` is here because ``main.py --devices`` gives each
-#: job its own (``--device cpu``, ``cuda:1``): a later plain run (``device: auto``) must neither
-#: retrain those folds nor refuse to resume them (``foldkit.oof.FOLD_HARMLESS_KEYS`` agrees).
-#: ``train.epochs`` is deliberately not here: the cosine schedule's length is derived from it, so a
-#: resumed run with other epochs would follow neither schedule.
-HARMLESS_KEYS = frozenset(
-    {"data.workers", "data.prefetch_factor", "backbones", "train.dist_timeout_s", "device"}
-)
 
 _COMPILE_PREFIX = "_orig_mod."  # what torch.compile's OptimizedModule puts before every key
 

@@ -207,6 +207,7 @@ def test_folds_with_different_configs_are_warned_by_key_and_fold(
     _edit_config(trained_copy, "test_convnext", 1, "train", "lr", 0.123)
     _edit_config(trained_copy, "test_convnext", 1, "data", "workers", 7)  # harmless: not named
     _edit_config(trained_copy, "test_efficientnet", 0, None, "device", "cuda")  # harmless
+    _edit_config(trained_copy, "test_efficientnet", 1, "train", "dist_timeout_s", 60)  # harmless
     oof = load_oof(trained_copy, ["demo"])
     lines = check_fold_configs(oof.models)
     assert len(lines) == 1
