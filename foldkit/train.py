@@ -725,15 +725,20 @@ def _drop_bad(
 
 
 def _check_train_size(train_df: pd.DataFrame, label: str, folds_df: pd.DataFrame) -> None:
-    """Refuse a training split of fewer than 2 images (tiny data, most of it unreadable, or folds
-    that leave one image outside this fold) with a clear error: BatchNorm cannot train on one image,
-    and torch would stop with a bare "Expected more than 1 value per channel" traceback."""
-    if len(train_df) >= 2:
+    """Refuse a training split too small to train (tiny data, most of it unreadable, or folds that
+    leave one image outside this fold) with a clear error: BatchNorm cannot train on one image, and
+    torch would stop with a bare "Expected more than 1 value per channel" traceback. Under torchrun
+    each of W ranks needs a batch of 2 (``EpochBatchSampler``), so fewer than 2W images would give
+    every rank an epoch of no steps; every rank sees the same split, so all of them stop alike."""
+    world = distributed.world_size()
+    if len(train_df) >= 2 * world:
         return
+    ranks = f" ({world} processes need 2 each)" if world > 1 else ""
     raise FoldkitError(
         f"{label}: only {len(train_df)} training image(s) outside this fold ({len(folds_df)} images in "
-        "the folds, after any unreadable ones were left out), and training needs at least 2: use more "
-        "train/validate images or fewer folds (data.k)."
+        f"the folds, after any unreadable ones were left out), and training needs at least {2 * world}"
+        f"{ranks}: use more train/validate images or fewer folds (data.k)"
+        + (" or fewer processes." if world > 1 else ".")
     )
 
 

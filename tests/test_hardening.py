@@ -121,6 +121,22 @@ def test_training_split_of_one_image_is_a_clear_error(tiny_data: Path, trained: 
         fit_fold(cfg, "test_efficientnet", 0, folds_df, meta["hash"], tiny_data, tmp_path, "demo")
 
 
+def test_training_split_too_small_for_every_rank_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun with W processes each rank needs a batch of 2: 3 images on 2 ranks would give
+    both an epoch of no steps (EpochBatchSampler's length is 0), so it is refused up front."""
+    from foldkit import distributed
+    from foldkit.dataset import EpochBatchSampler
+    from foldkit.train import _check_train_size
+
+    assert len(EpochBatchSampler(3, 16, True, 0, drop_last=True, rank=0, world_size=2)) == 0
+    assert len(EpochBatchSampler(4, 16, True, 0, drop_last=True, rank=1, world_size=2)) == 1
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    folds = pd.DataFrame({"name": list("abcdefgh")})
+    with pytest.raises(FoldkitError, match=r"only 3 training image\(s\).*at least 4 \(2 processes"):
+        _check_train_size(folds.iloc[:3], "b fold 0", folds)
+    _check_train_size(folds.iloc[:4], "b fold 0", folds)
+
+
 def test_oof_names_that_look_like_missing_values_survive(tmp_path: Path) -> None:
     names = ["NA", "null", "None", "x"]
     csv = tmp_path / "fold0.csv"
