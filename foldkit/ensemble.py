@@ -26,7 +26,7 @@ from foldkit import PROJECT_ROOT
 from foldkit.config import from_dict, load_config, to_dict
 from foldkit.data import read_test
 from foldkit.io import FoldkitError, atomic_write_text
-from foldkit.submission import label_file_names, write_submission
+from foldkit.submission import label_file_names, submission_text
 
 # torch, timm, scipy, sklearn and matplotlib load where they are first needed, after check_trained: a
 # run with nothing to blend (or a wrong --exp) answers in a second, not after seconds of imports.
@@ -519,11 +519,12 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     threshold, extra = _test_threshold(fitted, probs, per_fold)
     labels = (probs >= threshold).astype(int)
     _fallback_for_bad(opts, test_df, probs, labels)
+    names = test_df.name.tolist()
+    text = submission_text(names, labels, label_file_names(opts.data_dir))  # checked before any write
     out = opts.work_dir / "oof" / opts.name
     fitted.report = record_test_rate(out, float(labels.mean()), threshold, extra)
     out_dir = opts.work_dir / "submissions" / opts.name
-    names, expected = test_df.name.tolist(), label_file_names(opts.data_dir)
-    pred = write_submission(out_dir / "prediction.txt", names, labels, expected)
+    pred = atomic_write_text(out_dir / "prediction.txt", text)
     table = pd.DataFrame({"name": names, "prob": probs, "label": labels})
     for j, m in enumerate(fitted.oof.models):
         table[f"prob_{m.key}"] = T[:, j]
@@ -531,7 +532,7 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     record = json.dumps(run_record(opts, fitted, threshold), indent=2, default=str)
     atomic_write_text(out_dir / "ensemble.json", record + "\n")
     if opts.prediction_file is not None:
-        write_submission(opts.prediction_file, names, labels, expected)
+        atomic_write_text(opts.prediction_file, text)
         print(f"copy: {opts.prediction_file}")
     summary = f"{len(labels)} rows, {labels.mean():.1%} fake, threshold {threshold:.4f}"
     print(f"submission: {pred} ({summary}, {fitted.report['summary']['method']})")

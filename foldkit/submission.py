@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,27 +31,29 @@ def check_submission(names: Sequence[str], labels: np.ndarray, expected: Sequenc
         raise FoldkitError("submission labels must be 0 or 1")
 
 
-def write_submission(
-    path: str | Path, names: Sequence[str], labels: np.ndarray, expected: Sequence[str]
-) -> Path:
-    """Validate, write ``name label`` lines atomically, then read the file back and check it again.
+def submission_text(names: Sequence[str], labels: np.ndarray, expected: Sequence[str]) -> str:
+    """The ``name label`` lines, validated and read back as a reader would before anything is written.
 
     ``expected`` must come from the test label file itself (``label_file_names``), never from the
     list the predictions were made for: checked against itself, a dropped or reordered name passes.
-    The read-back catches what the writing did (a name with a space, a lost line); a file that fails
-    it is removed, so no invalid submission is left behind. Nothing is written when ``names`` is
-    already invalid.
+    The read-back catches what the formatting would do to a name (a space, a quote, a lost line).
     """
     check_submission(names, labels, expected)
     text = "".join(f"{n} {int(v)}\n" for n, v in zip(names, labels, strict=True))
-    out = atomic_write_text(path, text)
     try:
-        back = read_submission(out)
+        back = read_submission(io.StringIO(text))
         check_submission(back.name.tolist(), back.label.to_numpy(), expected)
     except (FoldkitError, ValueError) as exc:
-        Path(out).unlink(missing_ok=True)
-        raise FoldkitError(f"{out}: the written submission does not read back as valid: {exc}") from exc
-    return out
+        raise FoldkitError(f"the submission would not read back as valid: {exc}") from exc
+    return text
+
+
+def write_submission(
+    path: str | Path, names: Sequence[str], labels: np.ndarray, expected: Sequence[str]
+) -> Path:
+    """Validate (``submission_text``), then write ``name label`` lines atomically: an invalid
+    submission writes nothing and leaves a previous file as it was."""
+    return atomic_write_text(path, submission_text(names, labels, expected))
 
 
 def label_file_names(data_dir: str | Path) -> list[str]:
@@ -57,8 +61,9 @@ def label_file_names(data_dir: str | Path) -> list[str]:
     return read_test(Path(data_dir)).name.tolist()
 
 
-def read_submission(path: str | Path) -> pd.DataFrame:
-    """Read a ``name label`` file back (for checks and tests)."""
+def read_submission(path: str | Path | io.StringIO) -> pd.DataFrame:
+    """Read a ``name label`` file back (for checks and tests). No quoting: the format has none, so a
+    name that starts with ``"`` is read as written."""
     return pd.read_csv(
         path,
         sep=" ",
@@ -66,4 +71,5 @@ def read_submission(path: str | Path) -> pd.DataFrame:
         names=["name", "label"],
         dtype={"name": str, "label": int},
         keep_default_na=False,  # an image named NA or null is a name, not a missing value
+        quoting=csv.QUOTE_NONE,
     )

@@ -160,6 +160,18 @@ def test_write_submission_checks_the_file_it_wrote(tmp_path: Path) -> None:
     with pytest.raises(FoldkitError, match="read back"):
         write_submission(out, ["a b", "c"], np.zeros(2, int), ["a b", "c"])  # a space splits the line
     assert not out.exists()
+    out.write_text("old 1\n")
+    with pytest.raises(FoldkitError, match="read back"):
+        write_submission(out, ["a b", "c"], np.zeros(2, int), ["a b", "c"])
+    assert out.read_text() == "old 1\n"  # a failed write leaves the previous submission as it was
+
+
+def test_names_with_quotes_survive_the_submission(tmp_path: Path) -> None:
+    """The format has no quoting: a name that starts with a quote is written and read as it is."""
+    names = ['"q.png', "a'b.png", 'x"y.png']
+    out = write_submission(tmp_path / "p.txt", names, np.array([1, 0, 1]), names)
+    assert out.read_text() == '"q.png 1\na\'b.png 0\nx"y.png 1\n'
+    assert read_submission(out).name.tolist() == names
 
 
 def _drop_first(real):
