@@ -228,10 +228,13 @@ def _absent_backbones(models: list[ModelOOF], exps: list[str], several: bool) ->
     return absent
 
 
-def check_checkpoints(models: list[ModelOOF], work_dir: Path) -> None:
+def check_checkpoints(
+    models: list[ModelOOF], work_dir: Path, retrain: Callable[[ModelOOF, list[int], int], str] | None = None
+) -> None:
     """Each OOF file must come from the best.pt that test inference will use: a retrain that was
-    interrupted, or a copied-in checkpoint, would otherwise fit on one model and predict with another."""
-    stale = []
+    interrupted, or a copied-in checkpoint, would otherwise fit on one model and predict with another.
+    ``retrain(model, stale folds, a sound fold)`` names the command that retrains them like the others."""
+    stale, folds = [], {}
     for m in models:
         for k, meta in m.metas.items():
             ckpt = m.checkpoint(work_dir, k)
@@ -239,12 +242,18 @@ def check_checkpoints(models: list[ModelOOF], work_dir: Path) -> None:
                 stale.append(f"{m.key} fold {k} (no {ckpt})")
             elif meta.get("checkpoint_sha256") != file_sha256(ckpt):
                 stale.append(f"{m.key} fold {k} ({ckpt} changed since its OOF file was written)")
-    if stale:
-        raise FoldkitError(
-            "OOF files do not match their checkpoints: "
-            + "; ".join(stale)
-            + "\n(retrain those folds with python main.py --fold K)"
-        )
+            else:
+                continue
+            folds.setdefault(m.key, (m, []))[1].append(k)
+    if not stale:
+        return
+    how = "python main.py --fold K"
+    if retrain is not None:
+        sound = {key: [k for k in m.metas if k not in bad] for key, (m, bad) in folds.items()}
+        how = " and ".join(retrain(m, bad, (sound[m.key] or bad)[0]) for m, bad in folds.values())
+    raise FoldkitError(
+        f"OOF files do not match their checkpoints: {'; '.join(stale)}\n(retrain those folds with {how})"
+    )
 
 
 def load_oof(
@@ -275,7 +284,7 @@ def load_oof(
     if not complete:
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
     check_hashes(complete, current)
-    check_checkpoints(complete, work_dir)
+    check_checkpoints(complete, work_dir, retrain)
     check_fold_configs(complete, retrain)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])
     y, folds = folds_df.label.to_numpy().astype(int), folds_df.fold.to_numpy()

@@ -17,6 +17,7 @@ import pytest
 from scipy import special
 
 import ensemble
+import main
 from foldkit import PROJECT_ROOT
 from foldkit.calibrate import apply_platt
 from foldkit.cli import run
@@ -127,6 +128,15 @@ def test_checkpoint_changed_after_its_oof_is_refused(trained_copy: Path, tiny_da
     err = capsys.readouterr().err
     assert "do not match their checkpoints" in err and "test_convnext fold 0" in err
     assert not (trained_copy / "submissions").exists()
+    # the hint retrains that model's fold like its sound folds; run as printed, the ensemble works
+    (command,) = [ln.split(" with ", 1)[1].rstrip(")") for ln in err.splitlines() if "retrain those" in ln]
+    config = trained_copy / "models/demo/test_convnext/fold1/config.yaml"
+    assert command == shlex.join(
+        ["python", "main.py", "--config", str(config), "--exp", "demo", "--model", "test_convnext",
+         "--data-dir", str(tiny_data), "--work-dir", str(trained_copy), "--fold", "0"]
+    )  # fmt: skip
+    assert run(main.main, shlex.split(command)[2:]) == 0
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 0
 
 
 def test_backbone_never_trained_is_named(trained_copy: Path, tiny_data: Path, capsys) -> None:
