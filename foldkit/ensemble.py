@@ -24,7 +24,7 @@ import pandas as pd
 
 from foldkit import PROJECT_ROOT
 from foldkit.config import from_dict, load_config, to_dict
-from foldkit.data import read_test
+from foldkit.data import read_test, read_trainval
 from foldkit.io import FoldkitError, atomic_write_text
 from foldkit.submission import label_file_names, submission_text
 
@@ -365,14 +365,17 @@ def cached_probs(
 
 
 def _repredict_oof(opts: Options, oof: OOFSet, tta: list[str]) -> None:
-    """Replace ``oof.P`` by predictions made with ``tta`` (cached beside the OOF files)."""
+    """Replace ``oof.P`` by predictions made with ``tta`` (cached beside the OOF files). The images
+    come from the trainval store ``main.py`` built, opened with its index (the label files), not
+    folds.csv's: with ``on_bad_image: skip`` that lacks the bad rows and would rebuild the store."""
+    index = read_trainval(opts.data_dir)
     for fold in range(oof.k):
         rows = np.flatnonzero(oof.folds == fold)
         df = oof.folds_df.iloc[rows]
         images_key = _images_key(opts.data_dir, df)
         for j, m in enumerate(oof.models):
             cache = m.oof_dir / f"fold{fold}.tta-{_tag(tta)}.csv"
-            oof.P[rows, j] = cached_probs(opts, m, fold, df, images_key, tta, cache, oof.folds_df, "trainval")
+            oof.P[rows, j] = cached_probs(opts, m, fold, df, images_key, tta, cache, index, "trainval")
 
 
 def _choose(

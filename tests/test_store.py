@@ -510,6 +510,29 @@ def test_skip_leaves_bad_images_out_of_folds_training_and_oof(data: Path, tmp_pa
     assert not set(expected) & set(oof.name) and len(oof) == (folds.fold == 0).sum()
 
 
+def test_ensemble_tta_reuses_the_store_that_skipped_bad_images(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Re-predicting the OOF with another TTA reads main.py's trainval store as it is: opened with the
+    label files' index, not folds.csv's (which lacks the skipped images and would rebuild it)."""
+    from conftest import train_tiny
+
+    import ensemble
+    from foldkit.cli import run
+
+    _break_images(data)
+    work = tmp_path / "w"
+    assert train_tiny(data, work, "--model", "test_efficientnet", "--set", "data.on_bad_image=skip") == 0
+    store = next((work / "store").glob("trainval-*/images.u8"))
+    built = store.stat().st_mtime_ns
+    capsys.readouterr()
+    argv = ["--exp", "demo", "--work-dir", str(work), "--data-dir", str(data), "--allow-partial"]
+    assert run(ensemble.main, [*argv, "--tta", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "reusing the image store" in err and "building the image store" not in err
+    assert store.stat().st_mtime_ns == built
+
+
 def test_device_area_resize_matches_opencv_inter_area() -> None:
     """112 -> 64 is not an integer factor: torch's adaptive 'area' pool differs from OpenCV by up to
     ~56 grey levels there; the device resize must match INTER_AREA (what the CPU path used)."""
