@@ -195,6 +195,12 @@ def make_loader(
     ``shard``: (rank, world size) under DDP, this process's share of the batches
     (``EpochBatchSampler``). Workers persist across epochs (no re-spawn per epoch or per validation
     pass) and run OpenCV single-threaded (``opencv_for_workers``, set before they fork).
+
+    Each loader has its own generator, seeded with ``seed``: a new iterator draws its workers' base
+    seed from it, not from the global torch RNG, which is dropout's stream. Otherwise how often an
+    iterator is made (every validation pass without workers, once with persistent ones, once more
+    after a resume) would shift dropout, and a resumed run or another ``data.workers`` would train
+    other weights. The batches themselves never depend on it (``EpochBatchSampler`` seeds them).
     """
     workers = resolve_workers(workers)
     if workers > 0:
@@ -212,4 +218,5 @@ def make_loader(
         prefetch_factor=prefetch_factor if workers > 0 else None,
         collate_fn=collate,
         worker_init_fn=opencv_in_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )

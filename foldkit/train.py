@@ -190,15 +190,11 @@ def _loaders(
     train_ds = ImageDataset(
         images.source(train_df.path.tolist()), train_df.label, train_transform(cfg.augment, seed)
     )
+    # its own generator (make_loader): dropout's random stream never feeds a worker seed
     train_dl = make_loader(
         train_ds, cfg.train.batch_size, True, dc.workers, seed, pin, True, dc.prefetch_factor,
         distributed.shard(),
     )  # fmt: skip
-    # Each new iterator draws its workers' base seed from this generator, not the global torch RNG:
-    # dropout's random stream then does not depend on when the iterator was made, so a run resumed
-    # mid-epoch (a fresh iterator) continues the exact stream of the run it replaces. The batches
-    # themselves never depend on it (EpochBatchSampler seeds them).
-    train_dl.generator = torch.Generator().manual_seed(seed)
     cl = cfg.train.channels_last
     to_device = DeviceTransform(dc.img_size, mean, std, device, cl)
     val_dl = eval_loader(

@@ -91,6 +91,16 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_oof(
     assert log_text.startswith(killed_log) and "resuming from" in log_text and "epoch 3/3" in log_text
 
 
+def test_worker_count_never_changes_the_run(tiny_data: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """``data.workers`` is a harmless key: with persistent workers the validation loader makes one
+    iterator, without them one per pass. Neither may draw from the global torch RNG (dropout's
+    stream), or the same run would train other weights with another worker count (and a resumed run
+    would differ from the one it replaces)."""
+    assert load_checkpoint(uninterrupted / RUN / "last.pt")["config"]["data"]["workers"] == 0
+    assert train_tiny(tiny_data, tmp_path, *RESUME_ARGS, "--workers", "1") == 0
+    _assert_same_run(tmp_path, uninterrupted)
+
+
 def _assert_same_run(a: Path, b: Path) -> None:
     """Same OOF bytes, same history (train_loss: the partial epoch's running loss was carried over)
     and the same final weights: the OOF alone comes from the best epoch, which may predate the kill."""
