@@ -277,11 +277,14 @@ class _Trainer:
             # host-bound on a fast GPU: every kernel launch counts, so no-op arithmetic is skipped
             targets = labels * (1 - ls) + 0.5 * ls if ls else labels
             stepped = (i + 1) % tc.accum_steps == 0 or i + 1 == n_batches
+            # batches in this accumulation group: fewer in a last partial group, whose step then
+            # gets the mean gradient of its own batches, as large as a full group's
+            group = min(tc.accum_steps, n_batches - i // tc.accum_steps * tc.accum_steps)
             # DDP: average the gradients once per optimizer step, not on every accumulated batch
             with self.ddp.no_sync() if self.ddp is not None and not stepped else nullcontext():
                 with autocast(self.device, self.dtype):
                     loss = self.criterion(self.net(images).float().reshape(-1), targets)
-                self.scaler.scale(loss / tc.accum_steps if tc.accum_steps > 1 else loss).backward()
+                self.scaler.scale(loss / group if group > 1 else loss).backward()
             if stepped:
                 self._optimizer_step()
             total += loss.detach() * len(images)

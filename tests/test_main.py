@@ -436,3 +436,50 @@ def test_hub_probe_answers_within_its_timeout() -> None:
     assert not reachable("https://hub.invalid", timeout=1)  # no such name
     assert not reachable("not a url", timeout=1)
     assert time.perf_counter() - start < 4
+
+
+class _SameBatchLoader:
+    """``n`` copies of one fixed batch, with the sampler hook train_epoch calls."""
+
+    class _Sampler:
+        def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+            pass
+
+    batch_sampler = _Sampler()
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        gen = torch.Generator().manual_seed(0)
+        self.batch = (torch.randn(4, 3, generator=gen), torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.arange(4))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+
+@pytest.mark.parametrize("n_batches", [3, 5])
+def test_a_last_partial_accumulation_group_steps_with_a_full_sized_gradient(n_batches: int) -> None:
+    """accum_steps 2 over an odd number of batches: the last group holds one batch. Its step must get
+    that batch's mean gradient like every other step, not half of it (the loss divided by 2 anyway)."""
+    from foldkit.config import RunConfig
+    from foldkit.resume import Progress
+    from foldkit.train import _make_trainer
+
+    cfg = RunConfig(pretrained=False)
+    cfg.train.accum_steps, cfg.train.grad_clip, cfg.train.ema, cfg.train.channels_last = 2, None, False, False
+    cfg.train.lr = 0.0  # the weights stay put: every step sees the same gradient
+    model = torch.nn.Linear(3, 1)
+    trainer = _make_trainer(cfg, model, torch.device("cpu"), (n_batches + 1) // 2, 1.0)
+    grads, apply = [], trainer._apply_gradients
+
+    def record() -> None:
+        grads.append(model.weight.grad.clone())
+        apply()
+
+    trainer._apply_gradients = record
+    trainer.train_epoch(_SameBatchLoader(n_batches), Progress())
+    assert len(grads) == (n_batches + 1) // 2
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
