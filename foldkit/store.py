@@ -317,10 +317,22 @@ def ensure_store(
     old = _open(folder)
     if old is not None and old.meta.get("key") == key and old.paths == index["path"].tolist():
         log.info("reusing the image store %s (%d images)", folder, old.meta["n"])
+        _refuse_recorded_bad(data_dir, index, old, on_bad_image)
         return old
     reason = "none yet" if old is None else "the data changed since it was built"
     log.info("building the image store %s (%s): %d images at %dx%d", folder, reason, len(index), *size)
     return _build(data_dir, folder, index, size, key, workers, on_bad_image)
+
+
+def _refuse_recorded_bad(data_dir: Path, index: pd.DataFrame, store: Store, on_bad_image: str) -> None:
+    """A store built with ``skip`` recorded its bad images; reused under ``error`` they must stop the
+    run as a fresh build would, not be skipped because an earlier run was told to skip them."""
+    if on_bad_image == "skip" or not store.bad:
+        return
+    recorded = store.meta["bad"]
+    rows = [(i, f"{recorded[p]} (recorded when the store was built with skip)")
+            for i, p in enumerate(store.paths) if p in recorded]  # fmt: skip
+    raise DataError(describe_bad(data_dir, index, rows), _SKIP_HINT)
 
 
 def _build(

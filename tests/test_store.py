@@ -130,6 +130,13 @@ def test_bad_images_cli_exit_2_and_skip_mode(
     assert main(["--data-dir", str(data), "--work-dir", str(tmp_path), "--on-bad-image", "skip"]) == 0
     store = ensure_store(data, tmp_path, read_trainval(data), "trainval", on_bad_image="skip")
     assert {Path(p).name for p in store.bad} == set(expected)
+    # the skip build's store, reused under error, stops as a fresh build would: each file named
+    capsys.readouterr()
+    assert main(["--data-dir", str(data), "--work-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    for lineno, (name, problem) in enumerate(expected.items(), start=1):
+        line = next(s for s in err.splitlines() if name in s)
+        assert f"train_label.txt:{lineno})" in line and problem in line and "recorded when" in line
 
 
 def test_cli_builds_every_split_and_reports(
@@ -413,7 +420,9 @@ def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
     assert lines[2] == f"{test.name.iloc[2]} 0"
     assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
     assert run(ensemble.main, [*argv, "--on-bad-image", "error"]) == 2  # explicit: no silent fallback
-    assert f"{bad}: recorded unreadable when its store was built with skip" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{bad} (" in err and "(recorded when the store was built with skip)" in err
+    assert run(ensemble.main, argv) == 2  # the checkpoints' own policy (error) refuses them too
     store_argv = ["--data-dir", str(data), "--work-dir", str(trained_copy), "--img-size", "24"]
     assert main([*store_argv, "--on-bad-image", "skip"]) == 0  # a store of another size records it too
     bad.write_bytes((data / test.path.iloc[3]).read_bytes())  # mended: both stores' records are stale
