@@ -184,6 +184,13 @@ def _model_column(m: ModelOOF, folds_df: pd.DataFrame) -> np.ndarray:
             raise FoldkitError(f"{path}: missing columns {sorted(missing)}")
         parts.append(df.assign(_file=str(path), _k=k))
     df = pd.concat(parts, ignore_index=True)
+    blank = df[df[["label", "fold", "prob"]].isna().any(axis=1)]
+    if len(blank):  # a row whose value is missing, before rows missing altogether are looked for
+        row = int(blank.index[0] - df.index[df._file == blank._file.iloc[0]][0]) + 2  # + header, 1-based
+        raise FoldkitError(
+            f"{blank._file.iloc[0]}:{row}: {len(blank)} row(s) with a missing label, fold or prob value, "
+            f"e.g. {blank.name.iloc[0]}; retrain the fold or restore the file"
+        )
     dup = df[df.name.duplicated(keep=False)]
     if len(dup):
         raise FoldkitError(

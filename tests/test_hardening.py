@@ -146,3 +146,18 @@ def test_oof_names_that_look_like_missing_values_survive(tmp_path: Path) -> None
     model = ModelOOF("demo", "b", "b", tmp_path, {0: csv})
     folds_df = pd.DataFrame({"name": names[::-1], "label": [1, 0, 1, 0], "fold": 0})
     np.testing.assert_allclose(_model_column(model, folds_df), [0.4, 0.3, 0.2, 0.1])
+
+
+def test_a_missing_probability_is_named_with_its_file_and_line(trained_copy: Path) -> None:
+    """A blank or nan prob is a damaged file, not an image without a prediction: say which line."""
+    from foldkit.oof import load_oof
+
+    csv = trained_copy / "oof/demo/test_convnext/fold1.csv"
+    lines = csv.read_text().splitlines()
+    name = lines[2].split(",")[0]
+    lines[2] = ",".join([*lines[2].split(",")[:3], "nan"])
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FoldkitError) as err:
+        load_oof(trained_copy, ["demo"])
+    expected = f"{csv}:3: 1 row(s) with a missing label, fold or prob value, e.g. {name}"
+    assert str(err.value).startswith(expected)
