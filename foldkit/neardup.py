@@ -232,7 +232,7 @@ def _exact_bridges(pixel_codes: np.ndarray, key_codes: np.ndarray) -> list[tuple
 
 def _merge_fuzzy(
     comp: np.ndarray,
-    keyed: np.ndarray,
+    key_codes: np.ndarray,
     links: tuple[np.ndarray, np.ndarray, np.ndarray],
     max_group: int,
     report: LinkReport,
@@ -241,11 +241,14 @@ def _merge_fuzzy(
 
     A link is refused (and recorded) when both sides hold a regex key (it would merge two identities)
     or when the images without a key it brings together would exceed ``max_group`` (no chaining).
+    Those are counted on both sides, a subject's too: look-alikes attached to a subject one by one
+    would otherwise chain without bound through it.
     """
     a, b, corr = links
     parent = list(range(int(comp.max(initial=-1)) + 1))
     size = np.bincount(comp, minlength=len(parent)).tolist()
-    has_key = keyed.tolist()
+    loose = np.bincount(comp[key_codes < 0], minlength=len(parent)).tolist()  # images without a key
+    has_key = (np.bincount(comp[key_codes >= 0], minlength=len(parent)) > 0).tolist()
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -261,14 +264,14 @@ def _merge_fuzzy(
         if has_key[ra] and has_key[rb]:
             report.bridges.append(link)
             continue
-        loose = (0 if has_key[ra] else size[ra]) + (0 if has_key[rb] else size[rb])
-        if loose > max_group:
+        if loose[ra] + loose[rb] > max_group:
             report.capped.append(link)
             continue
         if size[ra] < size[rb]:
             ra, rb = rb, ra
         parent[rb] = ra
         size[ra] += size[rb]
+        loose[ra] += loose[rb]
         has_key[ra] = has_key[ra] or has_key[rb]
         report.joined.append(link)
     roots = np.array([find(c) for c in range(len(parent))], dtype=np.int64)
@@ -298,9 +301,7 @@ def link_groups(
     corr = thumb_corr(fp.thumbs, a, b)
     ok = corr >= np.float32(min_corr)
     report.passed = int(ok.sum())
-    keyed = np.zeros(int(comp.max(initial=-1)) + 1, dtype=bool)
-    keyed[comp[key_codes >= 0]] = True
-    comp = _merge_fuzzy(comp, keyed, (a[ok], b[ok], corr[ok]), max_group, report)
+    comp = _merge_fuzzy(comp, key_codes, (a[ok], b[ok], corr[ok]), max_group, report)
     return pd.factorize(comp)[0], report
 
 

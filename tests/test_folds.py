@@ -306,6 +306,24 @@ def test_near_dup_links_cannot_chain_past_the_cap(use_fingerprints, caplog: pyte
     assert whole["group"].iloc[:30].nunique() == 1
 
 
+def test_look_alikes_attached_to_a_subject_count_against_the_cap() -> None:
+    """40 unkeyed look-alikes of one keyed image: one by one each would join the subject's group,
+    chaining without bound through it; the cap counts the subject's unkeyed images too."""
+    from foldkit.neardup import THUMB_SIDE, Fingerprints, link_groups
+
+    rng = np.random.default_rng(0)
+    n, cap = 41, 16
+    key_codes = np.full(n, -1)
+    key_codes[0] = 0  # row 0 is named for a subject (its regex key)
+    base = rng.integers(0, 256, THUMB_SIDE**2)
+    thumbs = np.clip(base + rng.normal(0, 2, (n, THUMB_SIDE**2)), 0, 255).astype(np.uint8)
+    fp = Fingerprints(np.zeros(n, np.uint64), np.arange(n, dtype=np.uint64), thumbs)
+    comp, report = link_groups(key_codes, fp, hamming=6, min_corr=0.99, max_group=cap)
+    assert (comp[1:] == comp[0]).sum() == cap  # the subject took 16 look-alikes, no more
+    assert np.bincount(comp).max() == cap + 1 and report.capped
+    assert np.bincount(comp[1:]).max() <= cap  # every group holds at most 16 images without a key
+
+
 def test_identical_copies_joining_many_subjects_is_an_error_naming_pairs(use_fingerprints) -> None:
     index = synthetic_index(n=1000, n_subjects=100, seed=3)
     subject = index["name"].str.extract(r"(S\d+)")[0]
