@@ -1,6 +1,7 @@
 """Where should the threshold sit? The issue-10 simulation, measured (docs/benchmarks.md).
 
     python benchmarks/bench_threshold.py --seeds 20
+    python benchmarks/bench_threshold.py --crossfit --seeds 200 --own 1.5   # the estimate's optimism
 
 Five fold models of differing scale and bias (``foldkit.calibrate.simulate``): each OOF row comes from
 one of them, each test probability is their mean. For each fake ratio it prints the submission's test
@@ -13,6 +14,13 @@ average the fold models' probabilities, as the issue's simulation did; ``logodds
 log-odds mean (``foldkit.calibrate.fold_average``). Oracles: ``oracle`` on the raw probability mean
 (the pooled and rate ways' submission), ``oracle_platt`` on the calibrated probability mean,
 ``oracle_logodds`` on the calibrated log-odds mean.
+
+``--crossfit``: how optimistic the nested estimate is when each fold's Platt map has seen the labels
+it is scored against. Per fold f: the threshold fitted on the other folds' calibrated OOF, the F1 of
+fold f's calibrated OOF at it (the estimate), against the F1 of the same fold model, through its
+whole-fold map, at the threshold the whole-fold maps give, on fresh rows (what the estimate claims).
+Estimates: ``own`` (``calibrate_oof``: the map fitted on the fold's own rows, as before), ``crossfit``
+(``crossfit_oof``: each half of the fold through the other half's map), ``none`` (no calibration).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from foldkit.blend import best_threshold, f1_at
 from foldkit.calibrate import (
     apply_platt,
     calibrate_oof,
+    crossfit_oof,
     fold_average,
     fold_mean_oof,
     place_threshold,
@@ -57,11 +66,41 @@ def one(ratio: float, seed: int, own: float) -> dict[str, float]:
     return out
 
 
+def optimism(n: int, seed: int, own: float, k: int = 5) -> dict[str, float]:
+    """Estimate minus fresh-data F1, per way, on one simulated run of ``n`` OOF rows (mean over folds)."""
+    y, folds, P, yt, PT = simulate(0.5, seed, n=n, k=k, own=own)
+    oof = P[np.arange(n), folds][:, None]
+    whole, params = calibrate_oof(oof, y, folds, "platt")
+    scored = {"own": whole, "crossfit": crossfit_oof(oof, y, folds, "platt"), "none": oof.astype(float)}
+    out = {}
+    for way, cal in scored.items():
+        gaps = []
+        for f in range(k):
+            te = folds == f
+            thr, _ = best_threshold(y[~te], cal[~te, 0])
+            real_thr = thr if way == "none" else best_threshold(y[~te], whole[~te, 0])[0]
+            fresh = PT[:, f] if way == "none" else apply_platt(PT[:, f], params[f][0])
+            gaps.append(f1_at(y[te], cal[te, 0], thr) - f1_at(yt, fresh, real_thr))
+        out[way] = float(np.mean(gaps))
+    return out
+
+
+def main_crossfit(seeds: int, own: float) -> None:
+    ways = ("own", "crossfit", "none")
+    print(f"{'rows/fold':>10}  " + "  ".join(f"{w:>10}" for w in ways) + "   (estimate - fresh F1, mean)")
+    for per_fold in (10, 20, 80, 400):
+        runs = [optimism(5 * per_fold, s, own) for s in range(seeds)]
+        print(f"{per_fold:>10}  " + "  ".join(f"{np.mean([r[w] for r in runs]):>+10.4f}" for w in ways))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--own", type=float, default=0.8, help="each fold model's own noise (sd, latent units)")
+    p.add_argument("--crossfit", action="store_true", help="the estimate's optimism from own-label maps")
     args = p.parse_args()
+    if args.crossfit:
+        return main_crossfit(args.seeds, args.own)
     print(f"{'fake ratio':>10}  " + "  ".join(f"{w:>10}" for w in (*WAYS, *ORACLES)))
     for ratio in (0.05, 0.1, 0.2, 0.5):
         runs = [one(ratio, s, args.own) for s in range(args.seeds)]

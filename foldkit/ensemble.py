@@ -406,7 +406,7 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
     first (``open_test_images``), so bad test data stops the run before the report is rewritten."""
     check_trained(opts)
     from foldkit.blend import best_threshold, nested_threshold_f1
-    from foldkit.calibrate import calibrate_oof, positive_rate
+    from foldkit.calibrate import calibrate_oof, crossfit_oof, positive_rate
     from foldkit.oof import load_oof
     from foldkit.report import summary_table, write_report
     from foldkit.select import fit_candidate
@@ -424,7 +424,10 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
         _repredict_oof(opts, oof, tta)
     keys = [m.key for m in oof.models]
     P, calibration = calibrate_oof(oof.P, oof.y, oof.folds, opts.calibration)
-    choice = _choose(opts, P, oof.y, oof.folds, keys)
+    # the choice and every estimate score rows calibrated without their own labels; the blend and
+    # threshold the submission uses are fitted on the whole-fold maps it applies to the test
+    scored = crossfit_oof(oof.P, oof.y, oof.folds, opts.calibration)
+    choice = _choose(opts, scored, oof.y, oof.folds, keys)
     fit_kw = {"objective": opts.objective, "solver": opts.solver}
     blend = fit_candidate(P, oof.y, choice["chosen"], **fit_kw)
     blended = blend.apply(P)
@@ -435,7 +438,7 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
         "weights": dict(zip(keys, map(float, blend.weights), strict=True)),
         "nested": choice["nested"],
         "in_sample_f1": float(in_sample),
-        "honest": nested_threshold_f1(oof.y, blended, oof.folds),
+        "honest": nested_threshold_f1(oof.y, blend.apply(scored), oof.folds),
         "estimate": choice["estimate"],
         "estimate_se": choice["estimate_se"],
         "outer": choice["outer"],
