@@ -154,13 +154,14 @@ def train_command(opts: Options, exp: str, fold: str = "all", model: str | None 
     return shlex.join(words)
 
 
-def retrain_command(opts: Options, m: ModelOOF, folds: list[int], like: int) -> str:
+def retrain_command(opts: Options, m: ModelOOF, folds: list[int], like: int, force: bool = False) -> str:
     """The ``main.py`` command that retrains ``m``'s ``folds`` with fold ``like``'s saved config (the
-    resolved one, overrides included), to paste; their other settings make them train again."""
+    resolved one, overrides included), to paste. ``force``: the folds are finished with other settings,
+    which ``main.py`` replaces only when told to."""
     config = m.checkpoint(opts.work_dir, like).with_name("config.yaml")
     words = ["python", "main.py", "--config", str(config), "--exp", m.exp, "--model", m.backbone]
     words += ["--data-dir", str(opts.data_dir), "--work-dir", str(opts.work_dir)]
-    return shlex.join([*words, "--fold", ",".join(map(str, folds))])
+    return shlex.join([*words, "--fold", ",".join(map(str, folds)), *(["--force"] if force else [])])
 
 
 def _gaps(work_dir: Path, exp: str, k: int) -> dict[str, list[int]]:

@@ -148,9 +148,7 @@ def odd_folds(m: ModelOOF) -> tuple[list[int], int | None]:
     return odd, next(k for k, sig in signature.items() if sig == common)
 
 
-def check_fold_configs(
-    models: list[ModelOOF], retrain: Callable[[ModelOOF, list[int], int], str] | None = None
-) -> list[str]:
+def check_fold_configs(models: list[ModelOOF], retrain: Callable[..., str] | None = None) -> list[str]:
     """Warn, naming model, keys and folds, when one model's folds were trained with different configs.
     A warning, not a refusal: a deliberate change (e.g. more epochs on one fold) stays possible, but
     never silent. ``retrain(model, odd folds, a common fold)``: the command that retrains the odd
@@ -158,7 +156,7 @@ def check_fold_configs(
     lines = [f"{m.key}: {d}" for m in models for d in fold_config_differences(m)]
     if lines:
         odd = [(m, *odd_folds(m)) for m in models] if retrain else []
-        commands = [retrain(m, folds, like) for m, folds, like in odd if folds]
+        commands = [retrain(m, folds, like, force=True) for m, folds, like in odd if folds]
         how = "\n  ".join(commands) if commands else "python main.py --fold K, with the other folds' config"
         log.warning(
             "folds of one model were trained with different configs and are blended as one model:\n  %s\n"
@@ -236,7 +234,7 @@ def _absent_backbones(models: list[ModelOOF], exps: list[str], several: bool) ->
 
 
 def check_checkpoints(
-    models: list[ModelOOF], work_dir: Path, retrain: Callable[[ModelOOF, list[int], int], str] | None = None
+    models: list[ModelOOF], work_dir: Path, retrain: Callable[..., str] | None = None
 ) -> None:
     """Each OOF file must come from the best.pt that test inference will use: a retrain that was
     interrupted, or a copied-in checkpoint, would otherwise fit on one model and predict with another.
@@ -267,7 +265,7 @@ def load_oof(
     work_dir: Path,
     exps: list[str],
     allow_partial: bool = False,
-    retrain: Callable[[ModelOOF, list[int], int], str] | None = None,
+    retrain: Callable[..., str] | None = None,
 ) -> OOFSet:
     """Load, check and align every complete model of ``exps``; name what is missing (exit 2), or with
     ``allow_partial`` leave incomplete models out and say which."""

@@ -535,17 +535,11 @@ def fit_fold(
     paths.model_dir.mkdir(parents=True, exist_ok=True)
     config, label = to_dict(cfg), f"{backbone} fold {fold}"
     done = None if force else finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
-    if done is not None:
-        changed = _retrain_reasons(done, config, folds_hash)
-        if not changed:
-            log.info("%s: finished (its OOF matches best.pt): skipped; --force trains it again", label)
-            best = load_checkpoint(paths.model_dir / "best.pt")
-            return _summary(backbone, fold, done["best_epoch"], best["score"], paths, skipped=True)
-        log.warning(
-            "%s: finished with other settings (%s): training it again, replacing its best.pt and OOF "
-            "file (to keep them, stop now and train in another --work-dir or --exp)", label,
-            "; ".join(changed),
-        )  # fmt: skip
+    saved = paths.model_dir / "config.yaml"
+    if done is not None and not _retrain_reasons(done, config, folds_hash, saved, label):
+        log.info("%s: finished (its OOF matches best.pt): skipped; --force trains it again", label)
+        best = load_checkpoint(paths.model_dir / "best.pt")
+        return _summary(backbone, fold, done["best_epoch"], best["score"], paths, skipped=True)
     ckpt = (
         _resumable(paths, config, folds_hash, backbone, fold)
         if resume and done is None and not force
@@ -571,14 +565,29 @@ def fit_fold(
     return _summary(backbone, fold, best_epoch, best_score, paths)
 
 
-def _retrain_reasons(done: dict[str, Any], config: dict[str, Any], folds_hash: str) -> list[str]:
-    """Why a finished fold (its OOF sidecar ``done``) no longer matches this run: each config change
-    and a change of the folds, named, so the warning that it is trained again says what changed."""
+def _retrain_reasons(
+    done: dict[str, Any], config: dict[str, Any], folds_hash: str, saved: Path, label: str
+) -> list[str]:
+    """Why a finished fold (its OOF sidecar ``done``) no longer matches this run. Other settings stop
+    the run (exit 2), as they do for an unfinished fold: a finished fold is hours of GPU time, and a
+    changed value on the command line must not replace it unasked (``--force`` does). Other folds
+    (rebuilt on purpose: ``--refold``, or new data) make its OOF meaningless, so it is trained again,
+    with a warning. Returns the reasons to retrain (empty: skip the fold)."""
     changed = config_changes(done.get("config", {}), config)
-    if done.get("folds_hash") != folds_hash:
-        old = str(done.get("folds_hash"))[:12]
-        changed.append(f"the folds changed: folds hash {old} -> {folds_hash[:12]}")
-    return changed
+    if changed:
+        raise FoldkitError(
+            f"{label} is finished with other settings ({'; '.join(changed)}). Pass --force to train it "
+            "again (its best.pt and OOF file are replaced), train the new settings under another --exp "
+            f"or --work-dir to keep both, or run with its saved settings: --config {saved}"
+        )
+    if done.get("folds_hash") == folds_hash:
+        return []
+    old = str(done.get("folds_hash"))[:12]
+    log.warning(
+        "%s: finished on other folds (folds hash %s -> %s): training it again, replacing its best.pt "
+        "and OOF file", label, old, folds_hash[:12],
+    )  # fmt: skip
+    return [f"folds hash {old} -> {folds_hash[:12]}"]
 
 
 def _summary(

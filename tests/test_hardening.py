@@ -51,15 +51,30 @@ def test_retraining_a_finished_fold_warns_naming_the_folds_change(
     sidecar = trained_copy / SIDECAR
     sidecar.write_text(sidecar.read_text().replace('"folds_hash": "', '"folds_hash": "0000'))
     assert train_tiny(tiny_data, trained_copy, *ONE_FOLD) == 0
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if "finished with other settings" in x]
-    assert (
-        " WARNING test_efficientnet fold 0: finished with other settings (the folds changed: folds hash 0000"
-        in (line)
-    )
-    assert "()" not in line
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "finished on other folds" in x]
+    assert " WARNING test_efficientnet fold 0: finished on other folds (folds hash 0000" in line
+    assert "training it again" in line
     # a fresh (not resumed) run starts a new train.log: one epoch 1 line, not the old run's too
     log_text = (trained_copy / "models/demo/test_efficientnet/fold0/train.log").read_text()
     assert log_text.count("epoch 1/1") == 1
+
+
+def test_a_finished_fold_with_other_settings_is_kept_until_force(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    """A changed setting on the command line must not throw a finished fold away unasked: the run
+    stops (exit 2) naming the change and the ways on, and every file of the fold is left as it was;
+    --force trains it again."""
+    fold_dir = trained_copy / "models/demo/test_efficientnet/fold0"
+    files = [trained_copy / OOF, trained_copy / SIDECAR, *sorted(fold_dir.iterdir())]
+    before = {f: f.read_bytes() for f in files}
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "test_efficientnet fold 0 is finished with other settings (train.epochs 1 -> 2)" in err
+    assert "Pass --force" in err and f"--config {fold_dir / 'config.yaml'}" in err
+    assert {f: f.read_bytes() for f in files} == before
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--epochs", "2", "--force") == 0
+    assert "epoch 2/2" in (fold_dir / "train.log").read_text()
 
 
 def test_corrupt_folds_json_stops_main_naming_it_and_refold(

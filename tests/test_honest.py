@@ -241,7 +241,7 @@ def test_odd_folds_get_a_command_that_retrains_them_like_the_others(
     config = trained_copy / "models/demo/test_convnext/fold0/config.yaml"
     assert command == shlex.join(
         ["python", "main.py", "--config", str(config), "--exp", "demo", "--model", "test_convnext",
-         "--data-dir", str(tiny_data), "--work-dir", str(trained_copy), "--fold", "1"]
+         "--data-dir", str(tiny_data), "--work-dir", str(trained_copy), "--fold", "1", "--force"]
     )  # fmt: skip
     assert run(main.main, shlex.split(command)[2:]) == 0
     assert check_fold_configs(load_oof(trained_copy, ["demo"]).models) == []
