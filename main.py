@@ -25,7 +25,7 @@ from foldkit import PROJECT_ROOT
 from foldkit.cli import HelpFormatter, add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
 from foldkit.io import FoldkitError, listed
-from foldkit.preflight import check_models, guard_refold, preflight
+from foldkit.preflight import check_models, preflight
 
 log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
@@ -182,7 +182,7 @@ def train(args: argparse.Namespace) -> int:
     cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
     )
-    from foldkit.folds import check_group_regex
+    from foldkit.folds import check_group_regex, fold_settings, guard_refold
 
     check_group_regex(index.name, cfg.data, args.work_dir, args.refold)  # before the store decodes
     from foldkit import distributed
@@ -192,7 +192,7 @@ def train(args: argparse.Namespace) -> int:
     rank = distributed.env_rank()
     if rank == 0:  # under torchrun the other ranks wait in distributed.init until these exist
         check_models(cfg, backbones, len(index), len(folds))
-        guard_refold(args.work_dir, cfg, args.refold)
+        guard_refold(args.work_dir, fold_settings(cfg.data), args.refold)
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
     if devices:
         return schedule(args, cfg, backbones, folds, devices, exp)

@@ -516,6 +516,44 @@ def _stale_reason(work_dir: Path, settings: dict, data_hash: str) -> str | None:
     return None
 
 
+def guard_refold(work_dir: Path, settings: dict, refold: bool, flag: str = "--refold") -> None:
+    """Refuse to silently rebuild folds with other settings while trained OOF files depend on them
+    (they would all become unusable); ``refold`` (``flag``) or another ``--work-dir`` says it is meant.
+    ``main.py`` and ``python -m foldkit.folds`` both call it before building anything."""
+    meta_path = folds_dir(work_dir) / "folds.json"
+    if refold or not meta_path.is_file():
+        return
+    old = read_json_artifact(
+        meta_path,
+        f"rebuild the folds with {flag} (the same data and fold settings give the same folds, so the "
+        "OOF files made on them stay usable)",
+    )
+    changed = settings_changes(old, settings)
+    if not changed:
+        return
+    users = sorted({p.parent.parent.name for p in _sidecars_on(Path(work_dir), old.get("hash"), flag)})
+    if users:
+        raise FoldkitError(
+            f"{meta_path} was made with other fold settings ({'; '.join(changed)}) and experiment(s) "
+            f"{', '.join(users)} were trained on it; rebuilding would make their OOF files unusable. "
+            f"Pass {flag} to rebuild anyway, use another --work-dir, or go back to the settings it "
+            "was made with."
+        )
+
+
+def _sidecars_on(work_dir: Path, folds_hash: object, flag: str) -> list[Path]:
+    """The OOF sidecars (``oof/<exp>/<backbone>/fold<k>.json``) made on the folds ``folds_hash``."""
+    found = []
+    for path in sorted((work_dir / "oof").glob("*/*/fold*.json")):
+        recover = (
+            f"delete it and {path.with_suffix('.csv').name} beside it (training that fold makes them "
+            f"again), or pass {flag} to rebuild the folds anyway"
+        )
+        if read_json_artifact(path, recover).get("folds_hash") == folds_hash:
+            found.append(path)
+    return found
+
+
 def ensure_folds(
     data_dir: Path,
     work_dir: Path,
@@ -690,6 +728,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "fold settings (%s, then --set and flags): %s",
         args.config, ", ".join(f"{key}={value!r}" for key, value in settings.items()),
     )  # fmt: skip
+    guard_refold(args.work_dir, settings, args.force, "--force")
     df, meta = ensure_folds(args.data_dir, args.work_dir, **settings, force=args.force, workers=args.workers)
     print(format_fold_table(df))
     print(f"folds: {folds_dir(args.work_dir) / 'folds.csv'} (hash {meta['hash']})")

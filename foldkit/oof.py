@@ -273,6 +273,7 @@ def load_oof(
     k, current = int(meta["k"]), meta["hash"]
     several = len(exps) > 1
     models = discover(work_dir, exps, several)
+    check_hashes(models, current)  # first: after a refold, folds "missing" under the new k mislead
     gaps = {m.key: [f for f in range(k) if f not in m.files] for m in models}
     absent = _absent_backbones(models, exps, several)
     missing = [f"{key} fold {f}" for key, fs in gaps.items() for f in fs] + [f"{b} (no fold)" for b in absent]
@@ -288,7 +289,6 @@ def load_oof(
         log.warning("left out (incomplete): %s", ", ".join(missing))
     if not complete:
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
-    check_hashes(complete, current)
     check_checkpoints(complete, work_dir, retrain)
     check_fold_configs(complete, retrain)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])

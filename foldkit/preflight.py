@@ -3,8 +3,8 @@
 Cheap checks first and all at once (config, ``--model``, ``--fold``, an explicit device, the data folder
 and the label files: one error lists every problem), before torch is even imported; then the models
 (missing pretrained weights named for every backbone within seconds), a loud warning with an epoch
-estimate when ``device: auto`` falls back to the CPU, and the guard that refuses to rebuild folds that
-trained OOF files depend on.
+estimate when ``device: auto`` falls back to the CPU. (The guard that refuses to rebuild folds that
+trained OOF files depend on is ``foldkit.folds.guard_refold``, shared with ``python -m foldkit.folds``.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from foldkit.config import RunConfig
-from foldkit.io import FoldkitError, listed, read_json_artifact
+from foldkit.io import FoldkitError, listed
 
 if TYPE_CHECKING:  # torch loads only when a check needs it: --help and argument errors stay instant
     import pandas as pd
@@ -39,44 +39,6 @@ def parse_folds(text: str, k: int) -> list[int]:
     if not folds or not all(0 <= f < k for f in folds):
         raise FoldkitError(f"--fold {text!r}: folds must be in 0..{k - 1}")
     return sorted(folds)
-
-
-def guard_refold(work_dir: Path, cfg: RunConfig, refold: bool) -> None:
-    """Refuse to silently rebuild folds with other settings while trained OOF files depend on them
-    (they would all become unusable); ``--refold`` or another ``--work-dir`` says it is meant."""
-    meta_path = work_dir / "folds" / "folds.json"
-    if refold or not meta_path.is_file():
-        return
-    from foldkit.folds import fold_settings, settings_changes  # the rule ensure_folds rebuilds by
-
-    old = read_json_artifact(
-        meta_path,
-        "rebuild the folds with --refold (the same data and fold settings give the same folds, so the "
-        "OOF files made on them stay usable)",
-    )
-    changed = settings_changes(old, fold_settings(cfg.data))
-    if not changed:
-        return
-    users = sorted({p.parent.parent.name for p in _sidecars_on(work_dir, old.get("hash"))})
-    if users:
-        raise FoldkitError(
-            f"{meta_path} was made with other fold settings ({'; '.join(changed)}) and experiment(s) "
-            f"{', '.join(users)} were trained on it; rebuilding would make their OOF files unusable. "
-            "Pass --refold to rebuild anyway, or use another --work-dir."
-        )
-
-
-def _sidecars_on(work_dir: Path, folds_hash: Any) -> list[Path]:
-    """The OOF sidecars (``oof/<exp>/<backbone>/fold<k>.json``) made on the folds ``folds_hash``."""
-    found = []
-    for path in sorted((work_dir / "oof").glob("*/*/fold*.json")):
-        recover = (
-            f"delete it and {path.with_suffix('.csv').name} beside it (training that fold makes them "
-            "again), or pass --refold to rebuild the folds anyway"
-        )
-        if read_json_artifact(path, recover).get("folds_hash") == folds_hash:
-            found.append(path)
-    return found
 
 
 def select_backbones(cfg: RunConfig, model: str | None) -> list[str]:

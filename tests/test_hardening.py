@@ -4,6 +4,7 @@ are refused clearly; image names pandas would read as missing values survive the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,33 @@ def test_a_missing_probability_is_named_with_its_file_and_line(trained_copy: Pat
         load_oof(trained_copy, ["demo"])
     expected = f"{csv}:3: 1 row(s) with a missing label, fold or prob value, e.g. {name}"
     assert str(err.value).startswith(expected)
+
+
+def test_folds_that_trained_experiments_use_are_not_rebuilt_unasked(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    """main.py and python -m foldkit.folds share the guard: other fold settings with OOF files on the
+    current folds stop with exit 2, naming the experiment and the flag that rebuilds them anyway."""
+    from foldkit import folds
+
+    meta = trained_copy / "folds/folds.json"
+    made = meta.read_bytes()
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--set", "data.group_regex=null") == 2
+    err = capsys.readouterr().err
+    assert "other fold settings (group_regex 'S\\\\d+' -> None) and experiment(s) demo" in err
+    assert "Pass --refold" in err
+    argv = ["--config", "configs/demo.yaml", "--data-dir", str(tiny_data), "--work-dir", str(trained_copy)]
+    argv += ["--k", "2"]  # as the tiny runs trained (TRAIN_ARGS)
+    assert folds.main([*argv, "--group-regex", "null"]) == 2
+    err = capsys.readouterr().err
+    assert "experiment(s) demo were trained on it" in err and "Pass --force" in err
+    assert meta.read_bytes() == made
+    assert folds.main(argv) == 0  # the settings they were made with: reused
+    assert meta.read_bytes() == made
+    assert folds.main([*argv, "--group-regex", "null", "--force"]) == 0
+    assert json.loads(meta.read_text())["group_regex"] is None
+    # the ensemble then names the cause (other folds), not folds "missing" under the new settings
+    ens = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data)]
+    assert run(ensemble.main, ens) == 2
+    err = capsys.readouterr().err
+    assert "OOF files were made with folds" in err and "missing OOF" not in err
