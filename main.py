@@ -26,6 +26,7 @@ from foldkit.cli import HelpFormatter, add_path_args, add_set_arg, run, setup_lo
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
 from foldkit.io import FoldkitError, listed
 from foldkit.preflight import check_models, preflight
+from foldkit.scheduler import follow_parent
 
 log = logging.getLogger("foldkit.main")
 _DEFAULTS = RunConfig(pretrained=False)
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run train or (seed-compatible) test mode."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    follow_parent()  # a --devices job ends with its scheduler, even one killed with SIGKILL
     # torchrun's variables read here rather than through foldkit.distributed, which imports torch:
     # --help and the preflight errors answer before torch is loaded
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))

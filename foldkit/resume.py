@@ -14,10 +14,13 @@ module imports nothing of it (no cycle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -199,6 +202,37 @@ def check_compatible(
             "two runs. Pass --no-resume to train this fold from scratch (its checkpoints are replaced), "
             "or run with the saved settings to continue it."
         )
+
+
+@contextlib.contextmanager
+def fold_lock(model_dir: Path, label: str) -> Iterator[None]:
+    """Only one run trains a fold at a time: two (a rerun beside a job still running, two terminals)
+    would write one best.pt, last.pt and OOF file in turn, each resuming the other's checkpoints.
+
+    An advisory ``flock`` on ``<model_dir>/.lock`` (the pid written in it, for the message): the
+    kernel releases it when the process ends, SIGKILL included, so a crash never leaves a stale lock
+    to delete by hand. Where ``fcntl`` is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(model_dir / ".lock", "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise FoldkitError(
+                f"{label}: another run (pid {holder}) is training this fold in {model_dir}; wait for it "
+                "to end, or stop it, then run the command again (it resumes or skips the fold)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield  # the lock goes with the file's close
 
 
 def finished_oof(oof_csv: Path, oof_meta: Path, best: Path) -> dict[str, Any] | None:

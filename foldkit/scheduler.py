@@ -37,6 +37,8 @@ from foldkit.io import FoldkitError
 log = logging.getLogger("foldkit.main")
 
 _DEVICE = re.compile(r"cpu|cuda:\d+")
+#: Set in every job's environment to the scheduler's pid (``follow_parent``).
+PARENT_ENV = "FOLDKIT_SCHEDULER_PID"
 _EPOCH_LINE = re.compile(r" INFO (\S+ fold \d+ epoch \d+/\d+: .*)$")
 
 
@@ -172,7 +174,7 @@ def run_jobs(
 def _start(job: Job, device: str, main_py: Path, config_device: str) -> _Running:
     env, extra = device_setup(device, config_device)
     # progress bars would fill the log with carriage returns; the epoch lines are the progress
-    env = {**os.environ, **env, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **env, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
     job.log.parent.mkdir(parents=True, exist_ok=True)
     out = open(job.log, "w", encoding="utf-8")  # noqa: SIM115 (closed when the job ends)
     cmd = [sys.executable, str(main_py), *job.argv, *extra]
@@ -180,6 +182,27 @@ def _start(job: Job, device: str, main_py: Path, config_device: str) -> _Running
     out.flush()
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     return _Running(job, device, proc, out, time.perf_counter(), offset=out.tell())
+
+
+def follow_parent() -> None:
+    """In a job (``PARENT_ENV`` set): end when the scheduler ends, however it ends.
+
+    Ctrl-C and SIGTERM on the scheduler stop its jobs (``run_jobs``' cleanup), but a scheduler killed
+    with SIGKILL, or by the out-of-memory killer, runs no cleanup: its jobs went on as orphans, and
+    the rerun the README advises trained the same folds a second time beside them. Linux's
+    ``PR_SET_PDEATHSIG`` (no library offers it; one ``prctl`` call through ctypes) has the kernel
+    send SIGTERM when the parent dies. Elsewhere this does nothing (``fold_lock`` still refuses a
+    second run on a fold).
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the scheduler died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _report_progress(run: _Running) -> None:

@@ -62,6 +62,7 @@ from foldkit.resume import (
     check_compatible,
     config_changes,
     finished_oof,
+    fold_lock,
     is_resumable,
     module_state,
     restore_trainer,
@@ -533,6 +534,29 @@ def fit_fold(
     """
     paths = RunPaths.of(work_dir, exp, backbone, fold)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
+    label = f"{backbone} fold {fold}"
+    with fold_lock(paths.model_dir, label) if distributed.is_main() else nullcontext():
+        return _fit_fold(
+            cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, resume, force,
+            save_every, images,
+        )  # fmt: skip
+
+
+def _fit_fold(
+    cfg: RunConfig,
+    backbone: str,
+    fold: int,
+    folds_df: pd.DataFrame,
+    folds_hash: str,
+    data_dir: Path,
+    work_dir: Path,
+    paths: RunPaths,
+    resume: bool,
+    force: bool,
+    save_every: int | None,
+    images: Store | FileSet | None,
+) -> dict[str, Any]:
+    """``fit_fold`` while it holds the fold's lock (on rank 0 under DDP)."""
     config, label = to_dict(cfg), f"{backbone} fold {fold}"
     done = None if force else finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
     saved = paths.model_dir / "config.yaml"

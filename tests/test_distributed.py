@@ -250,3 +250,62 @@ def test_devices_refuses_device_and_bad_names(tiny_data: Path, tmp_path: Path, c
     assert run(main.main, [*argv, "--devices", "cpu", "--device", "cpu"]) == 2
     assert "leave out --device" in capsys.readouterr().err
     assert not _files(tmp_path)
+
+
+def test_a_job_ends_when_its_scheduler_is_killed(tmp_path: Path) -> None:
+    """SIGKILL on the scheduler runs no cleanup; its jobs must not live on as orphans (a rerun would
+    train the same folds beside them). The job asks the kernel to be told (follow_parent)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    pid_file = tmp_path / "job.pid"
+    job = (
+        "import os, time\nfrom foldkit.scheduler import follow_parent\nfollow_parent()\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    scheduler = (
+        "import os, subprocess, sys, time\n"
+        "from foldkit.scheduler import PARENT_ENV\n"
+        "env = {**os.environ, PARENT_ENV: str(os.getpid())}\n"
+        f"subprocess.Popen([sys.executable, '-c', {job!r}], env=env)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", scheduler], cwd=PROJECT_ROOT)
+    deadline = time.monotonic() + 30
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the job outlived its killed scheduler"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting for its parent's successor to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_second_run_on_a_fold_being_trained_is_refused(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    """Two runs on one fold would write one best.pt, last.pt and OOF in turn: the second stops at once,
+    naming the holder; the lock goes with the process (no stale lock file to delete)."""
+    from conftest import train_tiny
+
+    from foldkit.resume import fold_lock
+
+    fold_dir = tmp_path / "models/demo/test_efficientnet/fold0"
+    fold_dir.mkdir(parents=True)
+    with fold_lock(fold_dir, "holder"):
+        assert train_tiny(tiny_data, tmp_path, "--model", "test_efficientnet", "--fold", "0") == 2
+        err = capsys.readouterr().err
+        assert f"test_efficientnet fold 0: another run (pid {os.getpid()}) is training this fold" in err
+        assert not (fold_dir / "best.pt").exists()
+        with pytest.raises(FoldkitError, match="another run"), fold_lock(fold_dir, "again"):
+            pass
+    assert train_tiny(tiny_data, tmp_path, "--model", "test_efficientnet", "--fold", "0") == 0
