@@ -465,16 +465,18 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
     )
 
 
-def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, labels: np.ndarray) -> None:
+def _fallback_for_bad(
+    opts: Options, test_df: pd.DataFrame, probs: np.ndarray, labels: np.ndarray, model_probs: np.ndarray
+) -> None:
     """Test images that could not be decoded (``on_bad_image: skip``) get the fallback label
-    ``BAD_IMAGE_LABEL`` (real) and probability 0, so the submission still lists every name; the
-    model's output on their blank rows would be noise. Which images: those of the test stores (or
-    file sets) this run opened, all current; older stores of other sizes may record since-fixed files."""
+    ``BAD_IMAGE_LABEL`` (real) and probability 0 (each model's too), so the submission still lists
+    every name; the models' output on their blank rows is noise (and took no part in the threshold:
+    ``_readable``)."""
     from foldkit.store import BAD_IMAGE_LABEL
 
-    rows = np.flatnonzero(test_df.path.isin(_test_bad(opts)).to_numpy())
+    rows = np.flatnonzero(~_readable(opts, test_df))
     if len(rows):
-        labels[rows], probs[rows] = BAD_IMAGE_LABEL, 0.0
+        labels[rows], probs[rows], model_probs[rows] = BAD_IMAGE_LABEL, 0.0, 0.0
         shown = ", ".join(test_df.name.iloc[rows[:5]])
         log.warning(
             "%d unreadable test image(s) predicted %d (real), the fallback: %s",
@@ -482,6 +484,12 @@ def _fallback_for_bad(opts: Options, test_df: pd.DataFrame, probs: np.ndarray, l
             BAD_IMAGE_LABEL,
             shown,
         )
+
+
+def _readable(opts: Options, test_df: pd.DataFrame) -> np.ndarray:
+    """Per test row: decoded. Which failed: those the test stores (or file sets) this run opened
+    recorded, all current; older stores of other sizes may record since-fixed files."""
+    return ~test_df.path.isin(_test_bad(opts)).to_numpy()
 
 
 def predict_test(opts: Options, fitted: Fitted) -> Path:
@@ -516,9 +524,12 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     T = np.column_stack(columns)  # each model's fold average, for probs.csv
     per_fold = fold_pipelines(fitted.blend, folds_cal, fitted.blended)
     probs = fold_average(per_fold)
-    threshold, extra = _test_threshold(fitted, probs, per_fold)
+    ok = _readable(opts, test_df)  # a blank unreadable image must not move the threshold
+    threshold, extra = (
+        _test_threshold(fitted, probs[ok], per_fold[:, ok]) if ok.any() else (fitted.threshold, {})
+    )
     labels = (probs >= threshold).astype(int)
-    _fallback_for_bad(opts, test_df, probs, labels)
+    _fallback_for_bad(opts, test_df, probs, labels, T)
     names = test_df.name.tolist()
     text = submission_text(names, labels, label_file_names(opts.data_dir))  # checked before any write
     out = opts.work_dir / "oof" / opts.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -418,6 +419,17 @@ def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
     lines = (trained_copy / "submissions/demo/prediction.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == test.name.tolist()
     assert lines[2] == f"{test.name.iloc[2]} 0"
+    probs = pd.read_csv(trained_copy / "submissions/demo/probs.csv")
+    assert (probs.filter(like="prob").iloc[2] == 0).all()  # every model's noise on it is dropped
+    # what the models said on the blank image never reaches the threshold: change it, same threshold
+    record = trained_copy / "submissions/demo/ensemble.json"
+    threshold = json.loads(record.read_text())["threshold"]
+    for cache in (trained_copy / "oof/demo").glob("*/test_fold*.csv"):
+        table = pd.read_csv(cache, dtype={"name": str}, keep_default_na=False)
+        table.loc[2, "prob"] = 0.999 if table.prob[2] < 0.5 else 0.001
+        cache.write_text(table.to_csv(index=False, float_format="%.8f"))
+    assert run(ensemble.main, [*argv, "--on-bad-image", "skip"]) == 0
+    assert json.loads(record.read_text())["threshold"] == threshold
     assert "1 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
     assert run(ensemble.main, [*argv, "--on-bad-image", "error"]) == 2  # explicit: no silent fallback
     err = capsys.readouterr().err
