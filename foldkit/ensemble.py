@@ -620,7 +620,8 @@ def _test_threshold(fitted: Fitted, probs: np.ndarray, per_fold: np.ndarray) -> 
         - nested_scores(fitted.blended[:, None], y, folds, one, mode)["mean"]
     )
     single = fitted.report["summary"].get("estimate_single_fold", fitted.report["summary"]["estimate"])
-    extra = {"estimate": single + gain, "estimate_single_fold": single, "fold_mean_gain": gain}
+    # an F1 estimate above 1 (a big gain on an already high estimate) says nothing more than 1
+    extra = {"estimate": min(1.0, single + gain), "estimate_single_fold": single, "fold_mean_gain": gain}
     extra["fold_disagreement"] = spread
     if gain > WEAK_GAIN:
         log.warning(weak_models_note(gain, fitted.threshold_fit))  # report.md says it too

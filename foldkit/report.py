@@ -308,7 +308,8 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
         lines = [
             f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])} = outer loop "
             f"{_fmt(s['estimate_single_fold'])}{_se(s)} + fold-average gain {s['fold_mean_gain']:+.4f} (the "
-            "fold models' disagreement on the test images, removed by averaging them)",
+            "fold models' disagreement on the test images, removed by averaging them)"
+            + (", capped at 1" if s["estimate_single_fold"] + s["fold_mean_gain"] > 1 else ""),
         ]
     else:
         lines = [

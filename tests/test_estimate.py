@@ -305,7 +305,7 @@ def test_uncalibrated_pooled_run_applies_the_oof_threshold_unchanged(
     assert report["blend"]["calibration"] == "none"
     assert report["blend"]["test_threshold"] == report["blend"]["threshold"]
     assert report["summary"]["estimate"] == pytest.approx(
-        report["summary"]["estimate_single_fold"] + report["summary"]["fold_mean_gain"], abs=1e-5
+        min(1.0, report["summary"]["estimate_single_fold"] + report["summary"]["fold_mean_gain"]), abs=1e-5
     )
 
 
@@ -437,3 +437,21 @@ def test_crossfit_estimate_is_not_optimistic_on_small_folds() -> None:
     runs = [optimism(50, seed, 1.5) for seed in range(60)]
     own, cross = (float(np.mean([r[w] for r in runs])) for w in ("own", "crossfit"))
     assert own > 0.04 and cross < 0.01  # deterministic seeds: own 0.060, cross-fitted -0.022
+
+
+def test_the_estimate_with_the_fold_average_gain_never_exceeds_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """outer loop 0.83 + a gain of 0.17 or more is not an F1 of 1.0059: it is capped at 1."""
+    from types import SimpleNamespace
+
+    from foldkit.ensemble import _test_threshold
+
+    scores = iter([{"mean": 0.95}, {"mean": 0.75}])  # nested F1: fold-mean-shaped, then as is
+    monkeypatch.setattr(select, "nested_scores", lambda *a, **k: next(scores))
+    rng = np.random.default_rng(0)
+    y, folds = rng.integers(0, 2, 60), np.arange(60) % 3
+    fitted = SimpleNamespace(
+        threshold=0.5, threshold_fit="pooled", blended=rng.random(60),
+        oof=SimpleNamespace(y=y, folds=folds), report={"summary": {"estimate": 0.83}},
+    )  # fmt: skip
+    _, extra = _test_threshold(fitted, rng.random(40), rng.random((3, 40)))
+    assert extra["fold_mean_gain"] == pytest.approx(0.2) and extra["estimate"] == 1.0
