@@ -24,7 +24,7 @@ import pandas as pd
 
 from foldkit import PROJECT_ROOT
 from foldkit.config import from_dict, load_config, to_dict
-from foldkit.data import read_test, read_trainval
+from foldkit.data import read_test, read_trainval, warn_test_overlap
 from foldkit.io import FoldkitError, atomic_write_text
 from foldkit.submission import label_file_names, submission_text
 
@@ -293,6 +293,7 @@ def open_test_images(opts: Options, oof: OOFSet) -> None:
     from foldkit.predict import load_checkpoint
 
     test_df = read_test(opts.data_dir)
+    warn_test_overlap(oof.folds_df, test_df)  # the test set is often added after training
     for m in oof.models:  # fold 0 stands for every fold: one run trains a model's folds alike
         _source(opts, load_checkpoint(_checkpoint(opts, m, 0)), test_df, "test", test_df.path.tolist())
 

@@ -422,3 +422,17 @@ def test_fold_pipelines_blend_each_fold_and_keep_rank_scores_in_the_oof_range() 
     assert fold_average(per_fold)[0] < fold_average(unclipped)[0] - 0.1  # one fold no longer outvotes
     mean = fit_blend(P, y, "mean")  # a probability blend is left as it is, beyond the OOF range too
     np.testing.assert_allclose(fold_pipelines(mean, folds_cal, mean.apply(P))[0], [0.999, 0.5])
+
+
+def test_test_mode_warns_about_test_names_also_in_train(
+    trained_copy: Path, tiny_data: Path, tmp_path: Path, capsys
+) -> None:
+    """The test set often arrives after training: ensemble.py, which reads it, says what main.py says."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    name = (data / "train/train_label.txt").read_text().split()[0]
+    shutil.copy(data / "train" / name, data / "test" / name)
+    with open(data / "test/test_label.txt", "a", encoding="utf-8") as fh:
+        fh.write(f"{name}\n")
+    assert _ensemble(trained_copy, data, "--mode", "test") == 0
+    assert f"1 of 13 test names also appear in train/validate (e.g. {name})" in capsys.readouterr().err
