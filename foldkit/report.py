@@ -28,7 +28,7 @@ from sklearn.metrics import (
 )
 
 from foldkit.blend import best_threshold, f1_at, f1_curve
-from foldkit.io import FoldkitError, atomic_path, atomic_write_text
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text, read_json_artifact
 
 matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt
@@ -739,12 +739,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m foldkit.report", description="Print the summary of an OOF report.json"
     )
-    parser.add_argument("report", type=Path, help="path to oof/<exp>/report.json")
+    parser.add_argument("report", type=Path, help="oof/<exp>/report.json, or its folder oof/<exp>")
     args = parser.parse_args(argv)
-    if not args.report.is_file():
-        print(f"error: {args.report} not found (make it with python ensemble.py --mode val)", file=sys.stderr)
-        return 2
-    report = json.loads(args.report.read_text(encoding="utf-8"))
+    from foldkit.cli import run
+
+    return run(lambda _: _print_report(args.report))
+
+
+def _print_report(path: Path) -> int:
+    """The summary of ``path`` (a report.json, its folder, or the report.md beside it)."""
+    if path.is_dir() or path.suffix == ".md":
+        path = (path if path.is_dir() else path.parent) / "report.json"
+    if not path.is_file():
+        raise FoldkitError(f"{path} not found (make it with python ensemble.py --mode val)")
+    report = read_json_artifact(path, "make it again with python ensemble.py --mode val")
     print(summary_table(report))
     print(blend_vs_best(report))
     return 0

@@ -211,3 +211,27 @@ def test_blend_vs_best_names_the_best_model_and_says_when_the_blend_loses() -> N
     assert blend_vs_best(report).endswith("vs best single model b 0.8800: the blend does not beat it")
     report["summary"]["in_sample_f1"] = 0.90
     assert blend_vs_best(report).endswith("vs best single model b 0.8800: the blend wins by +0.0200")
+
+
+def test_report_cli_takes_the_json_its_folder_or_the_md_and_names_a_bad_file(
+    trained_copy: Path, tiny_data: Path, tmp_path: Path, capsys
+) -> None:
+    import ensemble
+    from foldkit.cli import run
+    from foldkit.report import main
+
+    argv = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data)]
+    assert run(ensemble.main, argv) == 0
+    folder = trained_copy / "oof/demo"
+    capsys.readouterr()
+    outputs = []
+    for given in (folder / "report.json", folder, folder / "report.md"):
+        assert main([str(given)]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2] and "estimate" in outputs[0]
+    (folder / "report.json").write_text("{")
+    assert main([str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'report.json'} is unreadable" in err and "Traceback" not in err
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "not found (make it with python ensemble.py --mode val)" in capsys.readouterr().err
