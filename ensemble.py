@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     from foldkit.ensemble import THRESHOLD_FIT, Options, fit, predict_test  # after the arguments: pandas
 
     exps = [e.strip() for e in args.exp.split(",") if e.strip()]
+    twice = sorted({e for e in exps if exps.count(e) > 1})
+    if twice:  # its models would be blended with themselves, into oof/a+a
+        raise FoldkitError(f"--exp lists {', '.join(map(repr, twice))} more than once")
     opts = Options(
         args.data_dir,
         args.work_dir,

@@ -386,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("foldkit").setLevel(logging.ERROR)
     try:
         return test(args) if args.mode == "test" else train(args)
+    except KeyboardInterrupt:
+        if args.mode != "test" and rank == 0:
+            log.warning(
+                "stopped; the same command resumes: finished folds are skipped, the interrupted one "
+                "continues from its last.pt"
+            )
+        raise
     except FoldkitError as exc:
         if world == 1:
             raise

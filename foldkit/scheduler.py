@@ -275,5 +275,11 @@ def summarize(results: list[JobResult]) -> None:
             for r in failed
         ]
         raise FoldkitError(
-            f"{len(failed)} of {len(results)} job(s) failed (the others finished):\n  " + "\n  ".join(lines)
+            (
+                f"all {len(results)} job(s) failed"
+                if len(failed) == len(results)
+                else f"{len(failed)} of {len(results)} job(s) failed (the others finished)"
+            )
+            + ":\n  "
+            + "\n  ".join(lines)
         )

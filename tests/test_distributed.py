@@ -226,6 +226,8 @@ def test_failed_jobs_are_reported_at_the_end_and_the_others_finish(tmp_path: Pat
     assert "toy fold 3 on cpu (exit -9): killed by SIGKILL (the kernel's out-of-memory killer" in message
     assert str(tmp_path / "logs/toy-fold1.log") in message
     assert "toy fold 0 epoch 1/1: train_loss 0.5" in caplog.text
+    with pytest.raises(FoldkitError, match=r"^all 2 job\(s\) failed:"):
+        summarize([r for r in results if r.returncode])
 
 
 def test_job_arguments_repeat_the_command_but_fold_model_and_devices() -> None:

@@ -436,3 +436,9 @@ def test_test_mode_warns_about_test_names_also_in_train(
         fh.write(f"{name}\n")
     assert _ensemble(trained_copy, data, "--mode", "test") == 0
     assert f"1 of 13 test names also appear in train/validate (e.g. {name})" in capsys.readouterr().err
+
+
+def test_an_experiment_listed_twice_is_refused(trained_copy: Path, tiny_data: Path, capsys) -> None:
+    assert _ensemble(trained_copy, tiny_data, "--exp", "demo,demo") == 2
+    assert "--exp lists 'demo' more than once" in capsys.readouterr().err
+    assert not (trained_copy / "oof/demo+demo").exists()

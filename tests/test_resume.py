@@ -334,7 +334,7 @@ def test_unreadable_images_are_left_out_of_training_and_validation(
 
 
 def test_interrupted_accumulating_run_resumes_at_an_accumulation_boundary(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     # 5 batches per epoch, accum 2: optimizer steps after batches 2, 4, 5; --save-every 3 saves at
     # the first step at or after batch 3 (batch 4), never mid-accumulation.
@@ -349,6 +349,7 @@ def test_interrupted_accumulating_run_resumes_at_an_accumulation_boundary(
 
     _patch_train_forward(monkeypatch, interrupt)
     assert train_tiny(tiny_data, tmp_path / "b", *args) == 130
+    assert "stopped; the same command resumes" in capsys.readouterr().err
     last = load_checkpoint(tmp_path / "b" / RUN / "last.pt")
     assert (last["progress"]["epoch"], last["progress"]["batch"], last["step"]) == (2, 4, 5)
     armed[0] = False
