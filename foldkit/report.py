@@ -669,6 +669,17 @@ def _like_for_like(report: dict[str, Any]) -> tuple[float, float, str]:
     return float(chosen), float(s["best_single"]["mean"]), "without the fold-average gain"
 
 
+def _single_label(report: dict[str, Any]) -> str:
+    """The best single model as ``_like_for_like`` scores it: in the outer loop it is chosen again
+    without each fold, so it may be another model on some folds; then all of them are named."""
+    outer = report.get("blend", {}).get("outer") or {}
+    picked = [str(n).removeprefix("single:") for n in outer.get("single_chosen_per_fold") or []]
+    if outer.get("single_mean") is None or len(set(picked)) < 2:
+        return str(report["summary"]["best_single"]["name"])
+    counts = {n: picked.count(n) for n in dict.fromkeys(picked)}
+    return "chosen per fold (" + ", ".join(f"{n} on {c} fold{'s' * (c > 1)}" for n, c in counts.items()) + ")"
+
+
 def blend_vs_best(report: dict[str, Any]) -> str:
     """One line comparing the blend with the best single model, both as pooled OOF F1 at their own
     tuned thresholds: the claim a competitor cares about is "the ensemble beats my best model", and
@@ -686,7 +697,7 @@ def blend_vs_best(report: dict[str, Any]) -> str:
             )  # fmt: skip
         return (
             f"chosen [{s['method']}] estimate {_fmt(s['estimate'])}; {where}: chosen {_fmt(chosen)} vs "
-            f"best single model {s['best_single']['name']} {_fmt(single)}: {verdict}"
+            f"best single model {_single_label(report)} {_fmt(single)}: {verdict}"
         )
     name, best = max(((n, m["overall"]["best_f1"]) for n, m in report["models"].items()), key=lambda t: t[1])
     gap = s["in_sample_f1"] - best
@@ -726,10 +737,13 @@ def add_test_rate(
 def estimate_line(report: dict[str, Any]) -> str:
     """The closing line of ensemble.py: the number to expect on the test set, and what it beats."""
     s = report["summary"]
-    single = s.get("best_single") or {}
-    vs = f"; best single model {single['name']} {_fmt(single['mean'])} (nested CV)" if single else ""
     how = "outer loop + fold-average gain" if s.get("estimate_single_fold") is not None else "outer loop"
-    return f"estimate ({how}; expect this test F1): {_fmt(s.get('estimate'))}{_se(s)} [{s['method']}]{vs}"
+    line = f"estimate ({how}; expect this test F1): {_fmt(s.get('estimate'))}{_se(s)} [{s['method']}]"
+    if not s.get("best_single"):
+        return line
+    chosen, single, where = _like_for_like(report)  # never the estimate against another kind of score
+    best = f"best single model {_single_label(report)} {_fmt(single)}"
+    return f"{line}; {where}: chosen {_fmt(chosen)} vs {best}"
 
 
 def main(argv: list[str] | None = None) -> int:

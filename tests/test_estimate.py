@@ -292,6 +292,11 @@ def test_closing_lines_name_the_estimate_and_the_best_single_model() -> None:
         "outer loop: chosen 0.8900 vs best single model test_resnet 0.8800: the ensemble wins by +0.0100"
     )
     assert blend_vs_best(report).endswith(expected)
+    assert estimate_line(report).endswith("outer loop: chosen 0.8900 vs best single model test_resnet 0.8800")
+    # re-chosen without each fold, the "best single model" may be another model on some folds
+    report["blend"]["outer"]["single_chosen_per_fold"] = ["single:a", "single:test_resnet", "single:a"]
+    both = "best single model chosen per fold (a on 2 folds, test_resnet on 1 fold) 0.8800"
+    assert both in blend_vs_best(report) and estimate_line(report).endswith(both)
     summary["method"] = "single:test_resnet"
     assert "a single model was chosen" in blend_vs_best(report)
 
