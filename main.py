@@ -16,6 +16,7 @@ Test mode writes --prediction_file (default prediction.txt) as `name label` line
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -196,7 +197,7 @@ def train(args: argparse.Namespace) -> int:
         guard_refold(args.work_dir, fold_settings(cfg.data), args.refold)
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
     if devices:
-        return schedule(args, cfg, backbones, folds, devices, exp)
+        return schedule(args, cfg, backbones, folds, devices, exp, meta["hash"])
     if distributed.launched():
         distributed.init(cfg.device, cfg.train.dist_timeout_s)
         if rank > 0:  # rank 0 built them: reuse, never rebuild
@@ -267,10 +268,13 @@ def schedule(
     folds: list[int],
     devices: list[str],
     exp: str,
+    folds_hash: str,
 ) -> int:
     """``--devices``: every (fold, backbone) job as its own main.py process, one per device entry at a
-    time (``foldkit.scheduler``); the folds and the store exist already, so the jobs only read them."""
+    time (``foldkit.scheduler``); the folds and the store exist already, so the jobs only read them.
+    Finished jobs (``is_finished``; not with ``--force``) are skipped here, as a plain run skips them."""
     from foldkit.scheduler import Job, args_to_argv, check_devices, run_jobs, summarize
+    from foldkit.train import is_finished
 
     check_devices(devices)
     skip = {"devices", "fold", "model", "refold", "device"}  # each job gets its own
@@ -283,6 +287,11 @@ def schedule(
         for k in folds
         for b in backbones
     ]
+    finished = functools.partial(is_finished, cfg, folds_hash=folds_hash, work_dir=args.work_dir, exp=exp)
+    done = [j for j in jobs if not args.force and finished(j.backbone, j.fold)]
+    for job in done:
+        log.info("%s: finished (its OOF matches best.pt): skipped; --force trains it again", job.name)
+    jobs = [j for j in jobs if j not in done]
     log.info("%d job(s) on %d device slot(s): %s", len(jobs), len(devices), ", ".join(devices))
     summarize(run_jobs(jobs, devices, Path(__file__).resolve(), cfg.device))
     return 0

@@ -542,6 +542,16 @@ def fit_fold(
         )  # fmt: skip
 
 
+def is_finished(cfg: RunConfig, backbone: str, fold: int, folds_hash: str, work_dir: Path, exp: str) -> bool:
+    """Whether ``fit_fold`` would skip this fold (OOF made from its best.pt, same settings and folds):
+    ``main.py --devices`` leaves such jobs out instead of starting a process only to say so."""
+    paths = RunPaths.of(work_dir, exp, backbone, fold)
+    done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
+    if done is None or done.get("folds_hash") != folds_hash:
+        return False
+    return not config_changes(done.get("config", {}), to_dict(cfg))
+
+
 def _fit_fold(
     cfg: RunConfig,
     backbone: str,

@@ -198,6 +198,14 @@ def test_devices_trains_folds_at_once_leaving_the_sequential_artifacts(
     for k in (0, 1):
         name = f"oof/demo/test_efficientnet/fold{k}.csv"
         assert (tmp_path / name).read_bytes() == (trained / name).read_bytes()
+    # the same command again: finished jobs are skipped up front, no process started to say so
+    assert (
+        run(main.main, [*argv, "--fold", "0,1", "--model", "test_efficientnet", "--devices", "cpu,cpu"]) == 0
+    )
+    err = capsys.readouterr().err
+    for k in (0, 1):
+        assert f"test_efficientnet fold {k}: finished (its OOF matches best.pt): skipped" in err
+    assert "started" not in err and "0 job(s) on 2 device slot(s)" in err
 
 
 def test_failed_jobs_are_reported_at_the_end_and_the_others_finish(tmp_path: Path, caplog) -> None:
