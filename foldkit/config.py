@@ -218,7 +218,8 @@ def _range_checks(cfg: RunConfig) -> dict[str, bool]:
         "train.lr": math.isfinite(tc.lr) and tc.lr > 0,
         "train.min_lr": math.isfinite(tc.min_lr) and 0 <= tc.min_lr <= tc.lr,
         "train.weight_decay": tc.weight_decay >= 0,
-        "train.warmup_epochs": 0 <= tc.warmup_epochs <= tc.epochs,
+        # within the schedule; with epochs itself out of range that one error is the one to read
+        "train.warmup_epochs": 0 <= tc.warmup_epochs <= max(tc.epochs, 1),
         "train.grad_clip": tc.grad_clip is None or tc.grad_clip > 0,
         "train.ema_decay": 0 < tc.ema_decay < 1,
         "train.label_smoothing": 0 <= tc.label_smoothing < 1,
@@ -229,6 +230,7 @@ def _range_checks(cfg: RunConfig) -> dict[str, bool]:
         and 1 <= aug.jpeg_quality[0] <= aug.jpeg_quality[1] <= 100,
         "augment.dropout_holes": aug.dropout_holes >= 1,
         "augment.scale": 0 <= aug.scale < 1,
+        "augment.rotate": math.isfinite(aug.rotate) and 0 <= aug.rotate <= 180,  # degrees, either way
     }
     for name in ("hflip", "affine", "color", "to_gray", "blur", "downscale", "jpeg", "noise", "dropout"):
         checks[f"augment.{name}"] = 0 <= getattr(aug, name) <= 1  # probabilities

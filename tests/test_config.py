@@ -189,3 +189,18 @@ def test_a_section_with_every_key_commented_out_is_empty(tmp_path: Path) -> None
 def test_did_you_mean_knows_common_synonyms(typo: str, meant: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown config key '{typo}'; did you mean '{meant}'"):
         parse_override(f"{typo}=1")
+
+
+def test_zero_epochs_is_one_problem_and_rotate_is_checked(tmp_path: Path) -> None:
+    """epochs 0 is the error; the warm-up fits any schedule of at least one epoch, so it is not named
+    as a second, derived problem. A rotation is degrees either way, 0..180."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: train.epochs: 0 is out of range"
+    path.write_text("train:\n  epochs: 2\n  warmup_epochs: 3\naugment:\n  rotate: -5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "train.warmup_epochs: 3.0 is out of range" in str(info.value)
+    assert "augment.rotate: -5.0 is out of range" in str(info.value)
