@@ -335,6 +335,20 @@ def _refuse_recorded_bad(data_dir: Path, index: pd.DataFrame, store: Store, on_b
     raise DataError(describe_bad(data_dir, index, rows), _SKIP_HINT)
 
 
+#: A temporary store file untouched this long belongs to no running build (they write continuously).
+_ABANDONED_S = 600
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Delete the temporary images file of a build that was killed (SIGKILL, a lost machine): it is
+    as large as the store (14 GiB at full size) and nothing else would ever remove it."""
+    for tmp in folder.glob(".images.u8.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > _ABANDONED_S:
+                log.info("removing %s, left by a build that did not finish", tmp)
+                tmp.unlink()
+
+
 def _build(
     data_dir: Path,
     folder: Path,
@@ -347,6 +361,7 @@ def _build(
     """Decode everything into a temporary file, then move the files into place (store.json last)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
+    _remove_abandoned(folder)
     workers = max(1, resolve_workers(workers or None))  # 0, like None: every core
     start = time.perf_counter()
     try:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -603,3 +604,16 @@ def test_compile_mode_reaches_torch_compile(monkeypatch) -> None:
     cfg.train.compile, cfg.train.compile_mode = True, "reduce-overhead"
     _make_trainer(cfg, model, torch.device("cpu"), steps_per_epoch=2, pos_weight=1.0)
     assert seen == ["reduce-overhead"]
+
+
+def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(data: Path, tmp_path: Path) -> None:
+    """A build killed with SIGKILL leaves .images.u8.*.tmp, as large as the store; the next build of
+    that store removes it once it is clearly abandoned (untouched for 10 minutes), not a live one."""
+    folder = tmp_path / "store/trainval-32x32"
+    folder.mkdir(parents=True)
+    old, live = folder / ".images.u8.abc.tmp", folder / ".images.u8.def.tmp"
+    old.write_bytes(b"\0" * 1000)
+    live.write_bytes(b"\0" * 1000)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    ensure_store(data, tmp_path, read_trainval(data), "trainval")
+    assert not old.exists() and live.exists()
