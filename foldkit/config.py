@@ -387,8 +387,9 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-#: Config keys that never change which model a fold is: they decide how fast batches are made, where
-#: the run ran, how long ranks wait for each other, or which other backbones the run trained. A
+#: Config keys that never change which model a fold is: they decide how fast batches are made (the
+#: store or the files: the same pixels, byte-identical OOF on the CPU), where the run ran, how long
+#: ranks wait for each other, or which other backbones the run trained. A
 #: resumed run may change them (``foldkit.resume``), and a model's folds may differ in them without
 #: being called a mix (``foldkit.oof``). ``device`` is here because ``main.py --devices`` gives each
 #: job its own (``--device cpu``, ``cuda:1``): a later plain run (``device: auto``) must neither retrain
@@ -396,7 +397,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 #: schedule's length is derived from it, so a resumed run with other epochs would follow neither
 #: schedule.
 HARMLESS_KEYS = frozenset(
-    {"data.workers", "data.prefetch_factor", "backbones", "train.dist_timeout_s", "device"}
+    {"data.workers", "data.prefetch_factor", "data.cache", "backbones", "train.dist_timeout_s", "device"}
 )
 
 

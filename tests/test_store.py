@@ -342,8 +342,11 @@ def test_uint8_items_on_the_wire(data: Path, tmp_path: Path) -> None:
     assert isinstance(src, StoreSource)
 
 
-def test_store_and_png_paths_give_the_same_oof(tiny_data: Path, trained: Path, tmp_path: Path) -> None:
-    """Training from the store and from the PNG files (data.cache=false) are the same run on CPU."""
+def test_store_and_png_paths_give_the_same_oof(
+    tiny_data: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Training from the store and from the PNG files (data.cache=false) are the same run on CPU,
+    so switching data.cache never retrains a finished fold (a harmless key)."""
     from conftest import train_tiny
 
     args = ("--model", "test_efficientnet", "--fold", "0", "--set", "data.cache=false")
@@ -351,6 +354,9 @@ def test_store_and_png_paths_give_the_same_oof(tiny_data: Path, trained: Path, t
     assert not (tmp_path / "store").exists()
     oof = "oof/demo/test_efficientnet/fold0.csv"
     assert (tmp_path / oof).read_bytes() == (trained / oof).read_bytes()
+    capsys.readouterr()
+    assert train_tiny(tiny_data, tmp_path, *args[:4]) == 0  # the default, data.cache=true
+    assert "test_efficientnet fold 0: finished (its OOF matches best.pt): skipped" in capsys.readouterr().err
 
 
 def _step(trainer, x: torch.Tensor, y: torch.Tensor) -> None:
