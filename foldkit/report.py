@@ -42,7 +42,7 @@ PLOTS = (
     "correlation.png",
 )
 #: Keys whose floats are applied to new predictions, so they are written unrounded.
-EXACT_KEYS = frozenset({"threshold", "thresholds", "best_threshold", "weights"})
+EXACT_KEYS = frozenset({"threshold", "thresholds", "best_threshold", "weights", "platt"})  # recomputable
 DIGITS = 6
 _BLEND_KEYS = frozenset({"method", "weights", "nested", "honest", "in_sample_f1", "left_out"})
 MAX_CURVE_POINTS = 2000

@@ -183,8 +183,9 @@ def outer_loop(
     """The estimate: for each fold, ``choose`` on the other folds (its own nested CV inside them), fit
     the choice and its threshold there, and score the held-out fold, which took no part in the choice.
 
-    The same loop scores "the best single model" chosen the same way (best inner nested-CV F1 among
-    the single candidates), so the ensemble's estimate has a like-for-like baseline. Returns {"mean",
+    The same loop scores "the best single model" chosen the same way (the single candidate with the
+    best inner nested-CV score that ``choose`` ranks by: ``by``, held-out log-loss by default), so the
+    ensemble's estimate has a like-for-like baseline. Returns {"mean",
     "per_fold", "chosen_per_fold", "thresholds", "single_mean", "single_per_fold",
     "single_chosen_per_fold"}; None with fewer than 3 folds (the inner nested CV needs two).
     """

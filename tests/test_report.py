@@ -235,3 +235,12 @@ def test_report_cli_takes_the_json_its_folder_or_the_md_and_names_a_bad_file(
     assert f"{folder / 'report.json'} is unreadable" in err and "Traceback" not in err
     assert main([str(tmp_path / "nothing")]) == 2
     assert "not found (make it with python ensemble.py --mode val)" in capsys.readouterr().err
+
+
+def test_platt_parameters_are_kept_exact_in_report_json() -> None:
+    """report.json's calibration maps are what the submission can be recomputed from: not rounded."""
+    from foldkit.report import _plain
+
+    slope = 1.234567891234
+    out = _plain({"blend": {"platt": {"0": {"m": [slope, -0.000000123456789]}}}, "auc": slope})
+    assert out["blend"]["platt"]["0"]["m"] == [slope, -0.000000123456789] and out["auc"] == 1.234568
