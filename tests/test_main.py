@@ -36,7 +36,8 @@ def test_leaves_exactly_the_contracted_files(trained: Path) -> None:
         for k in (0, 1):
             run_dir = f"models/demo/{bb}/fold{k}"
             expected |= {
-                f"{run_dir}/{f}" for f in ("best.pt", "last.pt", "config.yaml", "history.csv", "train.log")
+                f"{run_dir}/{f}"
+                for f in ("best.pt", "last.pt", "config.yaml", "history.csv", "train.log", ".lock")
             }
             expected |= {f"oof/demo/{bb}/fold{k}.csv", f"oof/demo/{bb}/fold{k}.json"}
     assert _files(trained) == expected
