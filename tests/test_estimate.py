@@ -439,9 +439,9 @@ def test_crossfit_estimate_is_not_optimistic_on_small_folds() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_threshold import optimism
 
-    runs = [optimism(50, seed, 1.5) for seed in range(60)]
+    runs = [optimism(50, seed, 1.5) for seed in range(15)]
     own, cross = (float(np.mean([r[w] for r in runs])) for w in ("own", "crossfit"))
-    assert own > 0.04 and cross < 0.01  # deterministic seeds: own 0.060, cross-fitted -0.022
+    assert own > 0.04 and cross < 0.01  # deterministic seeds: own 0.054, cross-fitted -0.019
 
 
 def test_the_estimate_with_the_fold_average_gain_never_exceeds_one(monkeypatch: pytest.MonkeyPatch) -> None:
