@@ -95,7 +95,7 @@ def crossfit_oof(
     """``P`` calibrated like ``calibrate_oof`` but without any row's own label: each fold's rows are
     dealt into ``parts`` parts (round-robin within each class, so every part keeps the fold's fake
     ratio), and each part goes through the map fitted on the fold's other parts. What the choice and
-    the estimates score.
+    the estimates score. A fold with fewer than 2 rows of a class is scored uncalibrated.
 
     Why: a fold's map fitted on all its rows has seen the labels it is then scored against, so the
     nested-CV and outer-loop F1 on ``calibrate_oof``'s output are optimistic. Measured on the
@@ -114,11 +114,17 @@ def crossfit_oof(
     y = np.asarray(y).astype(np.int64)
     for f in np.unique(folds):
         rows = np.flatnonzero(folds == f)
+        # as many parts as the rarer class has rows (at most ``parts``): every map then sees both
+        # classes; a fold with under 2 of a class cannot be calibrated without the row's own label
+        n_parts = min(parts, int(min(np.sum(y[rows] == 0), np.sum(y[rows] == 1))))
+        if n_parts < 2:
+            out[rows] = P[rows]
+            continue
         part = np.zeros(len(rows), dtype=np.int64)
         for c in (0, 1):  # dealt round within each class: every part keeps the fold's class balance
             members = np.flatnonzero(y[rows] == c)
-            part[members] = np.arange(len(members)) % parts
-        for q in range(parts):
+            part[members] = np.arange(len(members)) % n_parts
+        for q in range(n_parts):
             fit_rows, to_rows = rows[part != q], rows[part == q]
             for j in range(P.shape[1]):
                 out[to_rows, j] = apply_platt(P[to_rows, j], fit_platt(P[fit_rows, j], y[fit_rows]))

@@ -401,6 +401,16 @@ HARMLESS_KEYS = frozenset(
 )
 
 
+#: The settings that make the folds. Their effect is the folds hash every OOF file records, so a
+#: finished fold is judged by the hash, not by these values: ``--refold`` with new settings retrains
+#: it (other folds), and settings that give the very same folds leave it finished.
+FOLD_KEYS = frozenset(
+    f"data.{k}"
+    for k in ("k", "fold_seed", "group_regex", "allow_unmatched", "near_dup", "hamming",
+              "near_dup_min_corr", "near_dup_max_group")
+)  # fmt: skip
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config dict (``to_dict``) as ``{"train.lr": 0.001, ...}``: how configs are compared
     and how their differences are named."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from foldkit.config import HARMLESS_KEYS, flatten
+from foldkit.config import FOLD_KEYS, HARMLESS_KEYS, flatten
 from foldkit.folds import load_folds
 from foldkit.io import FoldkitError, read_json_artifact
 from foldkit.predict import file_sha256
@@ -131,7 +131,7 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
 def _fold_configs(m: ModelOOF) -> dict[int, dict[str, Any]]:
     """Fold -> its flattened config without the harmless keys (a sidecar without one: left out)."""
     return {
-        k: {key: v for key, v in flatten(meta["config"]).items() if key not in HARMLESS_KEYS}
+        k: {key: v for key, v in flatten(meta["config"]).items() if key not in HARMLESS_KEYS | FOLD_KEYS}
         for k, meta in sorted(m.metas.items())
         if "config" in meta
     }
@@ -273,7 +273,15 @@ def load_oof(
     k, current = int(meta["k"]), meta["hash"]
     several = len(exps) > 1
     models = discover(work_dir, exps, several)
-    check_hashes(models, current)  # first: after a refold, folds "missing" under the new k mislead
+    if allow_partial:  # models still on older folds are left out, as incomplete ones are
+        old = [m.key for m in models if any(v.get("folds_hash") != current for v in m.metas.values())]
+        if old:
+            log.warning("left out (made on other folds than folds.csv's): %s", ", ".join(old))
+        if old and len(old) == len(models):
+            check_hashes(models, current)  # every model is on other folds: say which, and the way out
+        models = [m for m in models if m.key not in old]
+    else:
+        check_hashes(models, current)  # first: after a refold, folds "missing" under the new k mislead
     gaps = {m.key: [f for f in range(k) if f not in m.files] for m in models}
     absent = _absent_backbones(models, exps, several)
     missing = [f"{key} fold {f}" for key, fs in gaps.items() for f in fs] + [f"{b} (no fold)" for b in absent]
@@ -289,6 +297,7 @@ def load_oof(
         log.warning("left out (incomplete): %s", ", ".join(missing))
     if not complete:
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
+    check_hashes(complete, current)
     check_checkpoints(complete, work_dir, retrain)
     check_fold_configs(complete, retrain)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])

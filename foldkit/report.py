@@ -674,8 +674,10 @@ def _single_label(report: dict[str, Any]) -> str:
     without each fold, so it may be another model on some folds; then all of them are named."""
     outer = report.get("blend", {}).get("outer") or {}
     picked = [str(n).removeprefix("single:") for n in outer.get("single_chosen_per_fold") or []]
-    if outer.get("single_mean") is None or len(set(picked)) < 2:
+    if outer.get("single_mean") is None or not picked:
         return str(report["summary"]["best_single"]["name"])
+    if len(set(picked)) == 1:  # the outer loop's own pick, which the number next to it scores
+        return picked[0]
     counts = {n: picked.count(n) for n in dict.fromkeys(picked)}
     return "chosen per fold (" + ", ".join(f"{n} on {c} fold{'s' * (c > 1)}" for n, c in counts.items()) + ")"
 
@@ -766,9 +768,13 @@ def _print_report(path: Path) -> int:
         path = (path if path.is_dir() else path.parent) / "report.json"
     if not path.is_file():
         raise FoldkitError(f"{path} not found (make it with python ensemble.py --mode val)")
-    report = read_json_artifact(path, "make it again with python ensemble.py --mode val")
-    print(summary_table(report))
-    print(blend_vs_best(report))
+    again = "make it again with python ensemble.py --mode val"
+    report = read_json_artifact(path, again)
+    try:
+        print(summary_table(report))
+        print(blend_vs_best(report))
+    except (KeyError, TypeError, ValueError) as exc:  # valid JSON, but not (all of) a foldkit report
+        raise FoldkitError(f"{path} is not a whole foldkit report (missing or odd: {exc}); {again}") from None
     return 0
 
 

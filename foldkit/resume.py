@@ -165,14 +165,16 @@ def is_resumable(ckpt: dict[str, Any]) -> bool:
 # -- compatibility ----------------------------------------------------------------------------------
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key old -> new`` for every config key that differs, harmless keys left out. A key the saved
-    config lacks (added by a later foldkit, e.g. ``train.sync_bn``) counts as its code default, so a
-    new setting left at its default does not make finished folds look stale."""
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """``key old -> new`` for every config key that differs, harmless keys (and ``ignore``) left out.
+    A key the saved config lacks (added by a later foldkit, e.g. ``train.sync_bn``) counts as its
+    code default, so a new setting left at its default does not make finished folds look stale."""
     defaults = flatten(to_dict(RunConfig(pretrained=False)))
     old, new = flatten(saved), flatten(current)
     old |= {k: defaults[k] for k in new.keys() - old.keys() if k in defaults}
-    keys = sorted((set(old) | set(new)) - HARMLESS_KEYS)
+    keys = sorted((set(old) | set(new)) - HARMLESS_KEYS - ignore)
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 

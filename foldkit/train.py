@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from foldkit import __version__, distributed
 from foldkit.augment import train_transform
 from foldkit.blend import best_threshold
-from foldkit.config import RunConfig, save_config, to_dict
+from foldkit.config import FOLD_KEYS, RunConfig, save_config, to_dict
 from foldkit.data import read_trainval
 from foldkit.dataset import ImageDataset, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
@@ -549,7 +549,7 @@ def is_finished(cfg: RunConfig, backbone: str, fold: int, folds_hash: str, work_
     done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
     if done is None or done.get("folds_hash") != folds_hash:
         return False
-    return not config_changes(done.get("config", {}), to_dict(cfg))
+    return not config_changes(done.get("config", {}), to_dict(cfg), FOLD_KEYS)
 
 
 def _fit_fold(
@@ -607,7 +607,7 @@ def _retrain_reasons(
     changed value on the command line must not replace it unasked (``--force`` does). Other folds
     (rebuilt on purpose: ``--refold``, or new data) make its OOF meaningless, so it is trained again,
     with a warning. Returns the reasons to retrain (empty: skip the fold)."""
-    changed = config_changes(done.get("config", {}), config)
+    changed = config_changes(done.get("config", {}), config, FOLD_KEYS)  # the folds: by their hash
     if changed:
         raise FoldkitError(
             f"{label} is finished with other settings ({'; '.join(changed)}). Pass --force to train it "

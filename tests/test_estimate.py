@@ -297,6 +297,9 @@ def test_closing_lines_name_the_estimate_and_the_best_single_model() -> None:
     report["blend"]["outer"]["single_chosen_per_fold"] = ["single:a", "single:test_resnet", "single:a"]
     both = "best single model chosen per fold (a on 2 folds, test_resnet on 1 fold) 0.8800"
     assert both in blend_vs_best(report) and estimate_line(report).endswith(both)
+    # picked alike on every fold: that model is named, the one its score belongs to
+    report["blend"]["outer"]["single_chosen_per_fold"] = ["single:a"] * 3
+    assert estimate_line(report).endswith("vs best single model a 0.8800")
     summary["method"] = "single:test_resnet"
     assert "a single model was chosen" in blend_vs_best(report)
 
@@ -460,3 +463,15 @@ def test_the_estimate_with_the_fold_average_gain_never_exceeds_one(monkeypatch: 
     )  # fmt: skip
     _, extra = _test_threshold(fitted, rng.random(40), rng.random((3, 40)))
     assert extra["fold_mean_gain"] == pytest.approx(0.2) and extra["estimate"] == 1.0
+
+
+def test_crossfit_leaves_a_fold_too_small_to_cross_fit_uncalibrated() -> None:
+    """A fold with one row of a class cannot be calibrated without a row's own label (no map would
+    see both classes): it is scored as it is. A fold with two of each is cross-fitted in 2 parts."""
+    from foldkit.calibrate import crossfit_oof
+
+    P = np.array([[0.2], [0.8], [0.3], [0.6], [0.1], [0.9]])
+    y, folds = np.array([0, 1, 0, 1, 0, 1]), np.array([0, 0, 1, 1, 1, 1])
+    out = crossfit_oof(P, y, folds, "platt")
+    assert np.array_equal(out[:2], P[:2]) and not np.array_equal(out[2:], P[2:])
+    assert np.isfinite(out).all()

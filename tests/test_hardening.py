@@ -207,3 +207,39 @@ def test_folds_that_trained_experiments_use_are_not_rebuilt_unasked(
     assert run(ensemble.main, ens) == 2
     err = capsys.readouterr().err
     assert "OOF files were made with folds" in err and "missing OOF" not in err
+
+
+def test_refold_retrains_a_finished_fold_and_same_folds_leave_it_finished(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    """Fold settings are judged by the folds they make (the hash every OOF records): --refold with
+    settings that give the same folds leaves a finished fold finished; other folds retrain it."""
+    oof = trained_copy / OOF
+    made = oof.read_bytes()
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--set", "data.fold_seed=7", "--refold") == 0
+    err = capsys.readouterr().err
+    assert "test_efficientnet fold 0: finished (its OOF matches best.pt): skipped" in err
+    assert oof.read_bytes() == made
+    assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--set", "data.group_regex=null", "--refold") == 0
+    err = capsys.readouterr().err
+    assert (
+        "test_efficientnet fold 0: finished on other folds (folds hash" in err and "Pass --force" not in err
+    )
+
+
+def test_allow_partial_leaves_out_a_model_still_on_the_old_folds(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    """After a refold, a model retrained on the new folds blends while another still on the old ones
+    is left out under --allow-partial (and named); without it the run says the folds changed."""
+    args = ["--set", "data.group_regex=null", "--refold"]
+    assert train_tiny(tiny_data, trained_copy, "--model", "test_efficientnet", *args) == 0
+    capsys.readouterr()
+    ens = ["--exp", "demo", "--work-dir", str(trained_copy), "--data-dir", str(tiny_data)]
+    assert run(ensemble.main, ens) == 2
+    assert "OOF files come from different folds" in capsys.readouterr().err
+    assert run(ensemble.main, [*ens, "--allow-partial"]) == 0
+    err = capsys.readouterr().err
+    assert "left out (made on other folds than folds.csv's): test_convnext" in err
+    report = json.loads((trained_copy / "oof/demo/report.json").read_text())
+    assert report["summary"]["method"] == "single:test_efficientnet"

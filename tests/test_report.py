@@ -233,6 +233,9 @@ def test_report_cli_takes_the_json_its_folder_or_the_md_and_names_a_bad_file(
     assert main([str(folder)]) == 2
     err = capsys.readouterr().err
     assert f"{folder / 'report.json'} is unreadable" in err and "Traceback" not in err
+    (folder / "report.json").write_text("{}")
+    assert main([str(folder)]) == 2
+    assert "is not a whole foldkit report (missing or odd: " in capsys.readouterr().err
     assert main([str(tmp_path / "nothing")]) == 2
     assert "not found (make it with python ensemble.py --mode val)" in capsys.readouterr().err
 
