@@ -534,12 +534,27 @@ def fit_fold(
     """
     paths = RunPaths.of(work_dir, exp, backbone, fold)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
-    label = f"{backbone} fold {fold}"
-    with fold_lock(paths.model_dir, label) if distributed.is_main() else nullcontext():
-        return _fit_fold(
-            cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, resume, force,
-            save_every, images,
-        )  # fmt: skip
+    task = FoldTask(cfg, backbone, fold, folds_df, folds_hash, Path(data_dir), Path(work_dir), paths)
+    with fold_lock(paths.model_dir, task.label) if distributed.is_main() else nullcontext():
+        return _fit_fold(task, resume, force, save_every, images)
+
+
+@dataclass(frozen=True)
+class FoldTask:
+    """One (backbone, fold) run and where it reads and writes: what the steps of ``fit_fold`` share."""
+
+    cfg: RunConfig
+    backbone: str
+    fold: int
+    folds_df: pd.DataFrame
+    folds_hash: str
+    data_dir: Path
+    work_dir: Path
+    paths: RunPaths
+
+    @property
+    def label(self) -> str:
+        return f"{self.backbone} fold {self.fold}"
 
 
 def is_finished(cfg: RunConfig, backbone: str, fold: int, folds_hash: str, work_dir: Path, exp: str) -> bool:
@@ -553,21 +568,11 @@ def is_finished(cfg: RunConfig, backbone: str, fold: int, folds_hash: str, work_
 
 
 def _fit_fold(
-    cfg: RunConfig,
-    backbone: str,
-    fold: int,
-    folds_df: pd.DataFrame,
-    folds_hash: str,
-    data_dir: Path,
-    work_dir: Path,
-    paths: RunPaths,
-    resume: bool,
-    force: bool,
-    save_every: int | None,
-    images: Store | FileSet | None,
+    task: FoldTask, resume: bool, force: bool, save_every: int | None, images: Store | FileSet | None
 ) -> dict[str, Any]:
     """``fit_fold`` while it holds the fold's lock (on rank 0 under DDP)."""
-    config, label = to_dict(cfg), f"{backbone} fold {fold}"
+    backbone, fold, folds_hash, paths = task.backbone, task.fold, task.folds_hash, task.paths
+    config, label = to_dict(task.cfg), task.label
     done = None if force else finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
     saved = paths.model_dir / "config.yaml"
     if done is not None and not _retrain_reasons(done, config, folds_hash, saved, label):
@@ -589,9 +594,7 @@ def _fit_fold(
             (paths.model_dir / "last.pt").unlink(missing_ok=True)
     handler = _attach_log(paths.model_dir, append=ckpt is not None) if distributed.is_main() else None
     try:
-        best_epoch, best_score = _train_fold(
-            cfg, backbone, fold, folds_df, folds_hash, data_dir, work_dir, paths, ckpt, save_every, images
-        )
+        best_epoch, best_score = _train_fold(task, ckpt, save_every, images)
     finally:
         if handler is not None:
             logging.getLogger("foldkit").removeHandler(handler)
@@ -655,20 +658,12 @@ def _resumable(
 
 
 def _train_fold(
-    cfg: RunConfig,
-    backbone: str,
-    fold: int,
-    folds_df: pd.DataFrame,
-    folds_hash: str,
-    data_dir: Path,
-    work_dir: Path,
-    paths: RunPaths,
-    ckpt: dict[str, Any] | None,
-    save_every: int | None,
-    images: Store | FileSet | None,
+    task: FoldTask, ckpt: dict[str, Any] | None, save_every: int | None, images: Store | FileSet | None
 ) -> tuple[int, float]:
     """Build data, model and trainer (restored from ``ckpt`` when resuming), run the epochs, write the
     OOF; returns (best epoch, best score)."""
+    cfg, backbone, fold, folds_df, paths = task.cfg, task.backbone, task.fold, task.folds_df, task.paths
+    folds_hash, data_dir, work_dir = task.folds_hash, task.data_dir, task.work_dir
     seed = run_seed(cfg.seed, backbone, fold)
     seed_everything(seed, cfg.deterministic)
     ctx = distributed.current()
