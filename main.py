@@ -196,6 +196,7 @@ def train(args: argparse.Namespace) -> int:
         check_models(cfg, backbones, len(index), len(folds))
         guard_refold(args.work_dir, fold_settings(cfg.data), args.refold)
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
+        refuse_changed_finished(args, cfg, backbones, folds, meta["hash"], exp)
     if devices:
         return schedule(args, cfg, backbones, folds, devices, exp, meta["hash"])
     if distributed.launched():
@@ -225,6 +226,30 @@ def train(args: argparse.Namespace) -> int:
             " (finished before: skipped)" if r.get("skipped") else "",
         )
     return 0
+
+
+def refuse_changed_finished(
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    backbones: list[str],
+    folds: list[int],
+    folds_hash: str,
+    exp: str,
+) -> None:
+    """Stop before any training when finished folds of this run have other settings (``--force``
+    replaces them): all of them named at once, nothing trained with the new settings meanwhile."""
+    from foldkit.train import finished_conflicts
+
+    conflicts = (
+        [] if args.force else finished_conflicts(cfg, backbones, folds, folds_hash, args.work_dir, exp)
+    )
+    if conflicts:
+        raise FoldkitError(
+            "finished with other settings:\n  " + "\n  ".join(listed(conflicts)) + "\nPass --force to "
+            "train them again (their best.pt and OOF files are replaced), train the new settings under "
+            "another --exp or --work-dir to keep both, or run with their saved settings (--config "
+            f"{args.work_dir / 'models' / exp}/<backbone>/fold<k>/config.yaml). Nothing was trained."
+        )
 
 
 def shared_artifacts(

@@ -567,6 +567,23 @@ def is_finished(cfg: RunConfig, backbone: str, fold: int, folds_hash: str, work_
     return not config_changes(done.get("config", {}), to_dict(cfg), FOLD_KEYS)
 
 
+def finished_conflicts(
+    cfg: RunConfig, backbones: list[str], folds: list[int], folds_hash: str, work_dir: Path, exp: str
+) -> list[str]:
+    """Every finished (backbone, fold) of a run whose settings differ from ``cfg``: what ``fit_fold``
+    would refuse one by one, found before anything trains, so ``--fold all`` with a changed setting
+    does not train the unfinished folds with it and then stop at a finished one."""
+    config, out = to_dict(cfg), []
+    for fold in folds:
+        for backbone in backbones:
+            paths = RunPaths.of(work_dir, exp, backbone, fold)
+            done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
+            if done is not None and done.get("folds_hash") == folds_hash:
+                changed = config_changes(done.get("config", {}), config, FOLD_KEYS)
+                out += [f"{backbone} fold {fold} ({'; '.join(changed)})"] if changed else []
+    return out
+
+
 def _fit_fold(
     task: FoldTask, resume: bool, force: bool, save_every: int | None, images: Store | FileSet | None
 ) -> dict[str, Any]:

@@ -71,8 +71,19 @@ def test_a_finished_fold_with_other_settings_is_kept_until_force(
     before = {f: f.read_bytes() for f in files}
     assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--epochs", "2") == 2
     err = capsys.readouterr().err
-    assert "test_efficientnet fold 0 is finished with other settings (train.epochs 1 -> 2)" in err
-    assert "Pass --force" in err and f"--config {fold_dir / 'config.yaml'}" in err
+    assert "finished with other settings:\n  test_efficientnet fold 0 (train.epochs 1 -> 2)" in err
+    assert "Pass --force" in err and f"--config {trained_copy / 'models/demo'}/<backbone>" in err
+    assert {f: f.read_bytes() for f in files} == before
+    # fit_fold itself refuses too (a direct caller), naming this fold's own saved config
+    from foldkit.config import load_config, parse_override
+    from foldkit.folds import load_folds
+    from foldkit.train import fit_fold
+
+    folds_df, meta = load_folds(trained_copy)
+    cfg = load_config("configs/demo.yaml", [parse_override(o) for o in ("train.epochs=2", "data.img_size=32",
+                      "train.batch_size=16", "data.k=2", "train.warmup_epochs=0")])  # fmt: skip
+    with pytest.raises(FoldkitError, match=r"is finished with other settings \(train.epochs 1 -> 2\)"):
+        fit_fold(cfg, "test_efficientnet", 0, folds_df, meta["hash"], tiny_data, trained_copy, "demo")
     assert {f: f.read_bytes() for f in files} == before
     assert train_tiny(tiny_data, trained_copy, *ONE_FOLD, "--epochs", "2", "--force") == 0
     assert "epoch 2/2" in (fold_dir / "train.log").read_text()
@@ -243,3 +254,18 @@ def test_allow_partial_leaves_out_a_model_still_on_the_old_folds(
     assert "left out (made on other folds than folds.csv's): test_convnext" in err
     report = json.loads((trained_copy / "oof/demo/report.json").read_text())
     assert report["summary"]["method"] == "single:test_efficientnet"
+
+
+def test_fold_all_with_a_changed_setting_trains_nothing_before_refusing(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    """Fold 0 unfinished, fold 1 finished: --fold all with other epochs must not train fold 0 with the
+    new settings and then stop at fold 1; every finished conflict is named before anything trains."""
+    fold0 = trained_copy / "models/demo/test_efficientnet/fold0"
+    (trained_copy / OOF).unlink()  # fold 0 is now unfinished
+    log_before = (fold0 / "train.log").read_text()
+    assert train_tiny(tiny_data, trained_copy, "--model", "test_efficientnet", "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "test_efficientnet fold 1 (train.epochs 1 -> 2)" in err and "Nothing was trained." in err
+    assert "test_efficientnet fold 0 (" not in err
+    assert (fold0 / "train.log").read_text() == log_before
