@@ -16,7 +16,6 @@ Test mode writes --prediction_file (default prediction.txt) as `name label` line
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -188,17 +187,21 @@ def train(args: argparse.Namespace) -> int:
 
     check_group_regex(index.name, cfg.data, args.work_dir, args.refold)  # before the store decodes
     from foldkit import distributed
-    from foldkit.train import fit_fold
+    from foldkit.train import finished_states, fit_fold
 
     exp = args.exp or Path(args.config).stem
     rank = distributed.env_rank()
+    finished: dict[tuple[str, int], list[str]] = {}  # (backbone, fold) -> settings changed since
     if rank == 0:  # under torchrun the other ranks wait in distributed.init until these exist
         check_models(cfg, backbones, len(index), len(folds))
         guard_refold(args.work_dir, fold_settings(cfg.data), args.refold)
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
-        refuse_changed_finished(args, cfg, backbones, folds, meta["hash"], exp)
+        if not args.force:
+            finished = finished_states(cfg, backbones, folds, meta["hash"], args.work_dir, exp)
+            refuse_changed_finished(finished, args.work_dir, exp)
     if devices:
-        return schedule(args, cfg, backbones, folds, devices, exp, meta["hash"])
+        current = {job for job, changed in finished.items() if not changed}
+        return schedule(args, cfg, backbones, folds, devices, exp, current)
     if distributed.launched():
         distributed.init(cfg.device, cfg.train.dist_timeout_s)
         if rank > 0:  # rank 0 built them: reuse, never rebuild
@@ -228,27 +231,16 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def refuse_changed_finished(
-    args: argparse.Namespace,
-    cfg: RunConfig,
-    backbones: list[str],
-    folds: list[int],
-    folds_hash: str,
-    exp: str,
-) -> None:
+def refuse_changed_finished(finished: dict[tuple[str, int], list[str]], work_dir: Path, exp: str) -> None:
     """Stop before any training when finished folds of this run have other settings (``--force``
     replaces them): all of them named at once, nothing trained with the new settings meanwhile."""
-    from foldkit.train import finished_conflicts
-
-    conflicts = (
-        [] if args.force else finished_conflicts(cfg, backbones, folds, folds_hash, args.work_dir, exp)
-    )
+    conflicts = [f"{b} fold {k} ({'; '.join(changed)})" for (b, k), changed in finished.items() if changed]
     if conflicts:
         raise FoldkitError(
             "finished with other settings:\n  " + "\n  ".join(listed(conflicts)) + "\nPass --force to "
             "train them again (their best.pt and OOF files are replaced), train the new settings under "
             "another --exp or --work-dir to keep both, or run with their saved settings (--config "
-            f"{args.work_dir / 'models' / exp}/<backbone>/fold<k>/config.yaml). Nothing was trained."
+            f"{work_dir / 'models' / exp}/<backbone>/fold<k>/config.yaml). Nothing was trained."
         )
 
 
@@ -293,13 +285,13 @@ def schedule(
     folds: list[int],
     devices: list[str],
     exp: str,
-    folds_hash: str,
+    finished: set[tuple[str, int]],
 ) -> int:
     """``--devices``: every (fold, backbone) job as its own main.py process, one per device entry at a
     time (``foldkit.scheduler``); the folds and the store exist already, so the jobs only read them.
-    Finished jobs (``is_finished``; not with ``--force``) are skipped here, as a plain run skips them."""
+    ``finished`` (backbone, fold) jobs, finished and current, are skipped here, as a plain run skips
+    them."""
     from foldkit.scheduler import Job, args_to_argv, check_devices, run_jobs, summarize
-    from foldkit.train import is_finished
 
     check_devices(devices)
     skip = {"devices", "fold", "model", "refold", "device"}  # each job gets its own
@@ -312,8 +304,7 @@ def schedule(
         for k in folds
         for b in backbones
     ]
-    finished = functools.partial(is_finished, cfg, folds_hash=folds_hash, work_dir=args.work_dir, exp=exp)
-    done = [j for j in jobs if not args.force and finished(j.backbone, j.fold)]
+    done = [j for j in jobs if (j.backbone, j.fold) in finished]
     for job in done:
         log.info("%s: finished (its OOF matches best.pt): skipped; --force trains it again", job.name)
     jobs = [j for j in jobs if j not in done]

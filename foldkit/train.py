@@ -557,31 +557,28 @@ class FoldTask:
         return f"{self.backbone} fold {self.fold}"
 
 
-def is_finished(cfg: RunConfig, backbone: str, fold: int, folds_hash: str, work_dir: Path, exp: str) -> bool:
-    """Whether ``fit_fold`` would skip this fold (OOF made from its best.pt, same settings and folds):
-    ``main.py --devices`` leaves such jobs out instead of starting a process only to say so."""
-    paths = RunPaths.of(work_dir, exp, backbone, fold)
-    done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
-    if done is None or done.get("folds_hash") != folds_hash:
-        return False
-    return not config_changes(done.get("config", {}), to_dict(cfg), FOLD_KEYS)
-
-
-def finished_conflicts(
+def finished_states(
     cfg: RunConfig, backbones: list[str], folds: list[int], folds_hash: str, work_dir: Path, exp: str
-) -> list[str]:
-    """Every finished (backbone, fold) of a run whose settings differ from ``cfg``: what ``fit_fold``
-    would refuse one by one, found before anything trains, so ``--fold all`` with a changed setting
-    does not train the unfinished folds with it and then stop at a finished one."""
-    config, out = to_dict(cfg), []
+) -> dict[tuple[str, int], list[str]]:
+    """(backbone, fold) -> the settings that differ from ``cfg``, for every finished fold of a run on
+    these folds (an empty list: finished and current, ``fit_fold`` skips it; else it refuses it).
+    Read once before anything trains: ``main.py`` refuses every conflict at once, so ``--fold all``
+    with a changed setting does not train the unfinished folds with it and then stop at a finished
+    one, and ``--devices`` leaves the finished jobs out instead of starting a process to say so."""
+    config, out = to_dict(cfg), {}
     for fold in folds:
         for backbone in backbones:
             paths = RunPaths.of(work_dir, exp, backbone, fold)
             done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
             if done is not None and done.get("folds_hash") == folds_hash:
-                changed = config_changes(done.get("config", {}), config, FOLD_KEYS)
-                out += [f"{backbone} fold {fold} ({'; '.join(changed)})"] if changed else []
+                out[(backbone, fold)] = _changed_settings(done, config)
     return out
+
+
+def _changed_settings(done: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The settings a finished fold (its OOF sidecar ``done``) had other values of. The fold settings
+    are judged by the folds hash they produce instead (``FOLD_KEYS``)."""
+    return config_changes(done.get("config", {}), config, FOLD_KEYS)
 
 
 def _fit_fold(
@@ -627,7 +624,7 @@ def _retrain_reasons(
     changed value on the command line must not replace it unasked (``--force`` does). Other folds
     (rebuilt on purpose: ``--refold``, or new data) make its OOF meaningless, so it is trained again,
     with a warning. Returns the reasons to retrain (empty: skip the fold)."""
-    changed = config_changes(done.get("config", {}), config, FOLD_KEYS)  # the folds: by their hash
+    changed = _changed_settings(done, config)
     if changed:
         raise FoldkitError(
             f"{label} is finished with other settings ({'; '.join(changed)}). Pass --force to train it "
@@ -690,7 +687,7 @@ def _train_fold(
     train_df, val_df = folds_df[folds_df.fold != fold], folds_df[folds_df.fold == fold]
     if images is None:  # main.py opens them once, before the folds; direct callers get them here
         images = open_trainval_images(cfg, data_dir, work_dir)
-    label = f"{backbone} fold {fold}"
+    label = task.label
     train_df, val_df = _drop_bad(images, train_df, val_df, label)
     _check_train_size(train_df, label, folds_df)
     model = create_model(cfg, backbone)
