@@ -66,6 +66,11 @@ def apply_platt(p: Any, params: tuple[float, float]) -> np.ndarray:
     return special.expit(slope * _logit(p) + intercept)
 
 
+def _check_method(method: str) -> None:
+    if method not in CALIBRATIONS:
+        raise FoldkitError(f"unknown calibration {method!r}; choose from {CALIBRATIONS}")
+
+
 def calibrate_oof(
     P: np.ndarray, y: np.ndarray, folds: np.ndarray, method: str
 ) -> tuple[np.ndarray, dict[int, list[tuple[float, float]]]]:
@@ -74,8 +79,7 @@ def calibrate_oof(
     Returns the calibrated copy of ``P`` and ``{fold: [params per model column]}``, the maps that
     ``calibrate_fold`` applies to that fold model's test predictions.
     """
-    if method not in CALIBRATIONS:
-        raise FoldkitError(f"unknown calibration {method!r}; choose from {CALIBRATIONS}")
+    _check_method(method)
     P = np.asarray(P, dtype=np.float64)
     out = P.copy()
     params: dict[int, list[tuple[float, float]]] = {}
@@ -108,9 +112,10 @@ def crossfit_oof(
     whole folds (``calibrate_oof``).
     """
     P = np.asarray(P, dtype=np.float64)
+    _check_method(method)
+    out = P.copy()  # every row is overwritten below, unless uncalibrated (``none``, tiny folds)
     if method == "none":
-        return P.copy()
-    out = calibrate_oof(P, y, folds, method)[0]  # validates ``method``; overwritten below
+        return out
     y = np.asarray(y).astype(np.int64)
     for f in np.unique(folds):
         rows = np.flatnonzero(folds == f)
@@ -118,7 +123,6 @@ def crossfit_oof(
         # classes; a fold with under 2 of a class cannot be calibrated without the row's own label
         n_parts = min(parts, int(min(np.sum(y[rows] == 0), np.sum(y[rows] == 1))))
         if n_parts < 2:
-            out[rows] = P[rows]
             continue
         part = np.zeros(len(rows), dtype=np.int64)
         for c in (0, 1):  # dealt round within each class: every part keeps the fold's class balance
