@@ -467,15 +467,15 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
 
 
 def _fallback_for_bad(
-    opts: Options, test_df: pd.DataFrame, probs: np.ndarray, labels: np.ndarray, model_probs: np.ndarray
+    test_df: pd.DataFrame, ok: np.ndarray, probs: np.ndarray, labels: np.ndarray, model_probs: np.ndarray
 ) -> None:
-    """Test images that could not be decoded (``on_bad_image: skip``) get the fallback label
-    ``BAD_IMAGE_LABEL`` (real) and probability 0 (each model's too), so the submission still lists
-    every name; the models' output on their blank rows is noise (and took no part in the threshold:
-    ``_readable``)."""
+    """Test images that could not be decoded (``on_bad_image: skip``; not ``ok``, ``_readable``) get
+    the fallback label ``BAD_IMAGE_LABEL`` (real) and probability 0 (each model's too), so the
+    submission still lists every name; the models' output on their blank rows is noise (and took no
+    part in the threshold)."""
     from foldkit.store import BAD_IMAGE_LABEL
 
-    rows = np.flatnonzero(~_readable(opts, test_df))
+    rows = np.flatnonzero(~ok)
     if len(rows):
         labels[rows], probs[rows], model_probs[rows] = BAD_IMAGE_LABEL, 0.0, 0.0
         shown = ", ".join(test_df.name.iloc[rows[:5]])
@@ -530,7 +530,7 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
         _test_threshold(fitted, probs[ok], per_fold[:, ok]) if ok.any() else (fitted.threshold, {})
     )
     labels = (probs >= threshold).astype(int)
-    _fallback_for_bad(opts, test_df, probs, labels, T)
+    _fallback_for_bad(test_df, ok, probs, labels, T)
     names = test_df.name.tolist()
     text = submission_text(names, labels, label_file_names(opts.data_dir))  # checked before any write
     out = opts.work_dir / "oof" / opts.name

@@ -131,10 +131,15 @@ def fold_config_differences(m: ModelOOF) -> list[str]:
 def _fold_configs(m: ModelOOF) -> dict[int, dict[str, Any]]:
     """Fold -> its flattened config without the harmless keys (a sidecar without one: left out)."""
     return {
-        k: {key: v for key, v in flatten(meta["config"]).items() if key not in HARMLESS_KEYS | FOLD_KEYS}
+        k: {key: v for key, v in flatten(meta["config"]).items() if key not in _NOT_COMPARED}
         for k, meta in sorted(m.metas.items())
         if "config" in meta
     }
+
+
+#: Keys on which a model's folds may differ: the harmless ones, and the fold settings (one folds hash
+#: is checked for every fold, and the hash is what those settings decide).
+_NOT_COMPARED = HARMLESS_KEYS | FOLD_KEYS
 
 
 def odd_folds(m: ModelOOF) -> tuple[list[int], int | None]:
@@ -297,7 +302,6 @@ def load_oof(
         log.warning("left out (incomplete): %s", ", ".join(missing))
     if not complete:
         raise FoldkitError("no model has OOF predictions for every fold: " + ", ".join(missing))
-    check_hashes(complete, current)
     check_checkpoints(complete, work_dir, retrain)
     check_fold_configs(complete, retrain)
     P = np.column_stack([_model_column(m, folds_df) for m in complete])
