@@ -187,7 +187,7 @@ def train(args: argparse.Namespace) -> int:
 
     check_group_regex(index.name, cfg.data, args.work_dir, args.refold)  # before the store decodes
     from foldkit import distributed
-    from foldkit.train import finished_states, fit_fold
+    from foldkit.train import finished_states, fit_fold, unfinished_states
 
     exp = args.exp or Path(args.config).stem
     rank = distributed.env_rank()
@@ -198,7 +198,13 @@ def train(args: argparse.Namespace) -> int:
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
         if not args.force:
             finished = finished_states(cfg, backbones, folds, meta["hash"], args.work_dir, exp)
-            refuse_changed_finished(finished, args.work_dir, exp)
+            size = distributed.env_world_size()
+            unfinished = (
+                unfinished_states(cfg, backbones, folds, meta["hash"], args.work_dir, exp, size)
+                if args.resume
+                else {}
+            )
+            refuse_changed_runs(finished, unfinished, args.work_dir, exp)
     if devices:
         current = {job for job, changed in finished.items() if not changed}
         return schedule(args, cfg, backbones, folds, devices, exp, current)
@@ -231,17 +237,31 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def refuse_changed_finished(finished: dict[tuple[str, int], list[str]], work_dir: Path, exp: str) -> None:
-    """Stop before any training when finished folds of this run have other settings (``--force``
-    replaces them): all of them named at once, nothing trained with the new settings meanwhile."""
-    conflicts = [f"{b} fold {k} ({'; '.join(changed)})" for (b, k), changed in finished.items() if changed]
-    if conflicts:
-        raise FoldkitError(
-            "finished with other settings:\n  " + "\n  ".join(listed(conflicts)) + "\nPass --force to "
-            "train them again (their best.pt and OOF files are replaced), train the new settings under "
-            "another --exp or --work-dir to keep both, or run with their saved settings (--config "
-            f"{work_dir / 'models' / exp}/<backbone>/fold<k>/config.yaml). Nothing was trained."
-        )
+def refuse_changed_runs(
+    finished: dict[tuple[str, int], list[str]],
+    unfinished: dict[tuple[str, int], list[str]],
+    work_dir: Path,
+    exp: str,
+) -> None:
+    """Stop before any training when folds of this run, finished or unfinished (a ``last.pt`` to
+    resume), have other settings: all of them named at once, nothing trained with the new settings
+    meanwhile. ``--force`` replaces them all; ``--no-resume`` starts the unfinished ones over."""
+    sections, ways = [], []
+    for what, runs in (("finished", finished), ("unfinished (a last.pt to resume)", unfinished)):
+        conflicts = [f"{b} fold {k} ({'; '.join(changed)})" for (b, k), changed in runs.items() if changed]
+        if conflicts:
+            sections.append(f"{what} with other settings:\n  " + "\n  ".join(listed(conflicts)))
+    if not sections:
+        return
+    if any(finished.values()):
+        ways.append("Pass --force to train them again (their best.pt and OOF files are replaced)")
+    if any(unfinished.values()):
+        ways.append(f"{'or ' if ways else 'Pass '}--no-resume to start the unfinished ones over")
+    raise FoldkitError(
+        "\n".join(sections) + "\n" + ", ".join(ways) + ", train the new settings under another --exp or "
+        "--work-dir to keep both, or run with their saved settings (--config "
+        f"{work_dir / 'models' / exp}/<backbone>/fold<k>/config.yaml). Nothing was trained."
+    )
 
 
 def shared_artifacts(

@@ -59,7 +59,12 @@ _CTX: DistContext | None = None
 
 def launched() -> bool:
     """Started by torchrun (or any launcher setting the env:// variables) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return env_world_size() > 1
+
+
+def env_world_size() -> int:
+    """The number of processes from the environment (1 outside torchrun), usable before ``init``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def env_rank() -> int:

@@ -139,8 +139,9 @@ def eval_loader(
     return DeviceLoader(loader, DeviceTransform(size, mean, std, device, cl), device)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a foldkit checkpoint safely (tensors and plain values only)."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a foldkit checkpoint safely (tensors and plain values only). ``mmap``: map the tensors
+    instead of reading them (torch's zip format only), for a look at the settings of a large file."""
     path = Path(path)
     if not path.is_file():
         raise FoldkitError(f"checkpoint not found: {path}")
@@ -152,7 +153,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "last.pt files under models/<exp>/<backbone>/fold<k>/, or a copy of one"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except pickle.UnpicklingError as exc:  # torch's weights-only unpickler met a global it will not run
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f" ({found.group(1)})" if found else ""

@@ -178,6 +178,28 @@ def config_changes(
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def resume_changes(
+    ckpt: dict[str, Any],
+    config: dict[str, Any],
+    folds_hash: str,
+    backbone: str,
+    fold: int,
+    world_size: int = 1,
+) -> list[str]:
+    """Why an unfinished run's ``last.pt`` (``ckpt``) cannot be continued with ``config``: every setting,
+    the folds, the run and the number of DDP processes that differ (empty: it can). The process count
+    counts as a setting: it decides the batches of every step and the length of the schedule."""
+    changes = config_changes(ckpt.get("config", {}), config)
+    if ckpt.get("world_size", 1) != world_size:
+        old = ckpt.get("world_size", 1)
+        changes.append(f"processes (torchrun --nproc_per_node x nodes) {old} -> {world_size}")
+    if ckpt.get("folds_hash") != folds_hash:
+        changes.append(f"folds hash {str(ckpt.get('folds_hash'))[:12]} -> {folds_hash[:12]}")
+    if (ckpt.get("backbone"), ckpt.get("fold")) != (backbone, fold):
+        changes.append(f"run {ckpt.get('backbone')} fold {ckpt.get('fold')} -> {backbone} fold {fold}")
+    return changes
+
+
 def check_compatible(
     ckpt: dict[str, Any],
     config: dict[str, Any],
@@ -187,17 +209,8 @@ def check_compatible(
     path: Path,
     world_size: int = 1,
 ) -> None:
-    """Refuse to continue a run made with other settings or folds: the result would belong to neither.
-    The number of DDP processes counts as a setting: it decides the batches of every step and the
-    length of the schedule."""
-    changes = config_changes(ckpt.get("config", {}), config)
-    if ckpt.get("world_size", 1) != world_size:
-        old = ckpt.get("world_size", 1)
-        changes.append(f"processes (torchrun --nproc_per_node x nodes) {old} -> {world_size}")
-    if ckpt.get("folds_hash") != folds_hash:
-        changes.append(f"folds hash {str(ckpt.get('folds_hash'))[:12]} -> {folds_hash[:12]}")
-    if (ckpt.get("backbone"), ckpt.get("fold")) != (backbone, fold):
-        changes.append(f"run {ckpt.get('backbone')} fold {ckpt.get('fold')} -> {backbone} fold {fold}")
+    """Refuse to continue a run made with other settings or folds: the result would belong to neither."""
+    changes = resume_changes(ckpt, config, folds_hash, backbone, fold, world_size)
     if changes:
         raise FoldkitError(
             f"{path} is an unfinished run with other settings ({'; '.join(changes)}); resuming would mix "

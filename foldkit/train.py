@@ -66,6 +66,7 @@ from foldkit.resume import (
     is_resumable,
     module_state,
     restore_trainer,
+    resume_changes,
     set_rng_state,
     trainer_state,
 )
@@ -572,6 +573,33 @@ def finished_states(
             done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
             if done is not None and done.get("folds_hash") == folds_hash:
                 out[(backbone, fold)] = _changed_settings(done, config)
+    return out
+
+
+def unfinished_states(
+    cfg: RunConfig,
+    backbones: list[str],
+    folds: list[int],
+    folds_hash: str,
+    work_dir: Path,
+    exp: str,
+    world_size: int,
+) -> dict[tuple[str, int], list[str]]:
+    """(backbone, fold) -> why its unfinished run cannot be resumed with ``cfg``, for every fold that
+    is not finished and holds a ``last.pt`` with resume state (an empty list: it resumes). Read up
+    front like ``finished_states``, so ``--fold all`` does not train folds 0 and 1 with new settings
+    and then stop at fold 2's checkpoint of the old ones (``fit_fold`` refuses it again, to be sure).
+    The checkpoints are memory-mapped: only their small pickled part is read."""
+    config, out = to_dict(cfg), {}
+    for fold in folds:
+        for backbone in backbones:
+            paths = RunPaths.of(work_dir, exp, backbone, fold)
+            last = paths.model_dir / "last.pt"
+            if not last.is_file() or finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt"):
+                continue
+            ckpt = load_checkpoint(last, mmap=True)
+            if is_resumable(ckpt):
+                out[(backbone, fold)] = resume_changes(ckpt, config, folds_hash, backbone, fold, world_size)
     return out
 
 

@@ -5,6 +5,7 @@ are refused clearly; image names pandas would read as missing values survive the
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -267,5 +268,32 @@ def test_fold_all_with_a_changed_setting_trains_nothing_before_refusing(
     assert train_tiny(tiny_data, trained_copy, "--model", "test_efficientnet", "--epochs", "2") == 2
     err = capsys.readouterr().err
     assert "test_efficientnet fold 1 (train.epochs 1 -> 2)" in err and "Nothing was trained." in err
-    assert "test_efficientnet fold 0 (" not in err
+    # fold 0's last.pt (epochs 1) is named too, in its own section, with its own way on
+    assert "unfinished (a last.pt to resume) with other settings:\n  test_efficientnet fold 0 (train" in err
+    assert "Pass --force" in err and "or --no-resume to start the unfinished ones over" in err
     assert (fold0 / "train.log").read_text() == log_before
+
+
+def test_an_unfinished_fold_with_other_settings_is_refused_before_earlier_folds_train(
+    tiny_data: Path, trained_copy: Path, capsys
+) -> None:
+    """Fold 0 never started, fold 1 unfinished (a last.pt of epochs 1): --fold all --epochs 2 used to
+    train fold 0 with the new settings, then stop at fold 1's checkpoint of the old ones, leaving the
+    folds of one experiment on two settings. Now it stops before anything trains; --no-resume is the
+    way named to start fold 1 over."""
+    models = trained_copy / "models/demo/test_efficientnet"
+    shutil.rmtree(models / "fold0")
+    for f in (OOF, SIDECAR, OOF.replace("fold0", "fold1")):
+        (trained_copy / f).unlink()
+    before = (models / "fold1/last.pt").read_bytes()
+    assert train_tiny(tiny_data, trained_copy, "--model", "test_efficientnet", "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    section = "unfinished (a last.pt to resume) with other settings:\n  test_efficientnet fold 1 (train"
+    assert section in err
+    assert "Pass --no-resume to start the unfinished ones over" in err and "--force" not in err
+    assert "Nothing was trained." in err and "finished with other settings" not in err
+    assert not (models / "fold0").exists()
+    assert (models / "fold1/last.pt").read_bytes() == before
+    # with the old settings it resumes: no refusal up front
+    assert train_tiny(tiny_data, trained_copy, "--model", "test_efficientnet", "--fold", "1") == 0
+    assert "resuming from" in capsys.readouterr().err
