@@ -295,7 +295,8 @@ def open_test_images(opts: Options, oof: OOFSet) -> None:
     test_df = read_test(opts.data_dir)
     warn_test_overlap(oof.folds_df, test_df)  # the test set is often added after training
     for m in oof.models:  # fold 0 stands for every fold: one run trains a model's folds alike
-        _source(opts, load_checkpoint(_checkpoint(opts, m, 0)), test_df, "test", test_df.path.tolist())
+        ckpt = load_checkpoint(_checkpoint(opts, m, 0), mmap=True)  # settings only: weights stay on disk
+        _source(opts, ckpt, test_df, "test", test_df.path.tolist())
 
 
 def _test_bad(opts: Options) -> set[str]:
