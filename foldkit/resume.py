@@ -200,17 +200,9 @@ def resume_changes(
     return changes
 
 
-def check_compatible(
-    ckpt: dict[str, Any],
-    config: dict[str, Any],
-    folds_hash: str,
-    backbone: str,
-    fold: int,
-    path: Path,
-    world_size: int = 1,
-) -> None:
-    """Refuse to continue a run made with other settings or folds: the result would belong to neither."""
-    changes = resume_changes(ckpt, config, folds_hash, backbone, fold, world_size)
+def check_compatible(path: Path, changes: list[str]) -> None:
+    """Refuse to continue the run of ``path`` (its ``resume_changes``): the result would belong to
+    neither run."""
     if changes:
         raise FoldkitError(
             f"{path} is an unfinished run with other settings ({'; '.join(changes)}); resuming would mix "

@@ -695,7 +695,7 @@ def _resumable(
     if not is_resumable(ckpt):
         log.warning("%s holds no resume state (an older foldkit wrote it): training from scratch", last)
         return None
-    check_compatible(ckpt, config, folds_hash, backbone, fold, last, distributed.world_size())
+    check_compatible(last, resume_changes(ckpt, config, folds_hash, backbone, fold, distributed.world_size()))
     return ckpt
 
 

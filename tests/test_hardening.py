@@ -19,7 +19,7 @@ from foldkit.config import load_config, parse_override, to_dict
 from foldkit.folds import load_folds
 from foldkit.io import FoldkitError, read_json_artifact
 from foldkit.oof import ModelOOF, _model_column
-from foldkit.resume import check_compatible, config_changes
+from foldkit.resume import check_compatible, config_changes, resume_changes
 
 OOF = "oof/demo/test_efficientnet/fold0.csv"
 SIDECAR = "oof/demo/test_efficientnet/fold0.json"
@@ -31,7 +31,9 @@ def test_device_is_harmless_for_resume_and_for_finished_folds(tmp_path: Path) ->
     auto = to_dict(load_config(None, [parse_override("device=auto")]))
     assert config_changes(cpu, auto) == []
     ckpt = {"config": cpu, "folds_hash": "h", "backbone": "b", "fold": 0}
-    check_compatible(ckpt, auto, "h", "b", 0, tmp_path / "last.pt")  # a --devices run resumes plainly
+    check_compatible(
+        tmp_path / "last.pt", resume_changes(ckpt, auto, "h", "b", 0)
+    )  # a --devices run resumes plainly
 
 
 def test_finished_fold_trained_on_another_device_is_skipped(

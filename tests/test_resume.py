@@ -29,6 +29,7 @@ from foldkit.resume import (
     config_changes,
     load_module_state,
     module_state,
+    resume_changes,
     rng_state,
     set_rng_state,
 )
@@ -146,11 +147,15 @@ def test_unfinished_fold_resumes_with_harmless_changes_and_refuses_others(
 
 def test_other_folds_hash_or_run_is_refused_naming_it(tmp_path: Path) -> None:
     ckpt = {"config": {"seed": 1, "data": {"workers": 0}}, "folds_hash": "a" * 64, "backbone": "x", "fold": 0}
-    check_compatible(ckpt, {"seed": 1, "data": {"workers": 4}}, "a" * 64, "x", 0, tmp_path / "last.pt")
+    check_compatible(
+        tmp_path / "last.pt", resume_changes(ckpt, {"seed": 1, "data": {"workers": 4}}, "a" * 64, "x", 0)
+    )
     with pytest.raises(FoldkitError, match=r"folds hash aaaaaaaaaaaa -> bbbbbbbbbbbb.*--no-resume"):
-        check_compatible(ckpt, ckpt["config"], "b" * 64, "x", 0, tmp_path / "last.pt")
+        check_compatible(tmp_path / "last.pt", resume_changes(ckpt, ckpt["config"], "b" * 64, "x", 0))
     with pytest.raises(FoldkitError, match=r"seed 1 -> 2; run x fold 0 -> y fold 1"):
-        check_compatible(ckpt, {"seed": 2, "data": {"workers": 0}}, "a" * 64, "y", 1, tmp_path / "last.pt")
+        check_compatible(
+            tmp_path / "last.pt", resume_changes(ckpt, {"seed": 2, "data": {"workers": 0}}, "a" * 64, "y", 1)
+        )
     assert config_changes({"train": {"epochs": 3}}, {"train": {"epochs": 5}}) == ["train.epochs 3 -> 5"]
 
 
@@ -367,6 +372,6 @@ def test_a_key_added_later_counts_as_its_default_and_the_process_count_must_matc
     saved["train"]["sync_bn"] = True
     assert config_changes(saved, current) == ["train.sync_bn True -> False"]
     ckpt = {"config": current, "folds_hash": "h", "backbone": "b", "fold": 0, "world_size": 2}
-    check_compatible(ckpt, current, "h", "b", 0, tmp_path / "last.pt", world_size=2)
+    check_compatible(tmp_path / "last.pt", resume_changes(ckpt, current, "h", "b", 0, world_size=2))
     with pytest.raises(FoldkitError, match=r"--nproc_per_node x nodes\) 2 -> 1"):
-        check_compatible(ckpt, current, "h", "b", 0, tmp_path / "last.pt")
+        check_compatible(tmp_path / "last.pt", resume_changes(ckpt, current, "h", "b", 0))
