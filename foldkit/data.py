@@ -13,6 +13,7 @@ or caches pixels; ``load_rgb`` decodes one image on demand.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -45,6 +46,22 @@ class DataError(FoldkitError):
         self.problems = list(problems)
         lines = [f"the data has {len(self.problems)} problem(s):", *listed(self.problems)]
         super().__init__("\n".join(lines + ([hint] if hint else [])))
+
+
+def files_hash(data_dir: Path, paths: Sequence[str], salt: str = "") -> str:
+    """sha256 of ``salt`` and every file's path, size, modification and status-change time, in order
+    (a missing file as missing): it changes when a file is added, removed, renamed or replaced. ctime
+    catches a file swapped in under its old mtime (``mv``, an archive unpacked over the folder), which
+    size and mtime alone miss; users cannot set it. One ``stat`` per file, no reading."""
+    h = hashlib.sha256(salt.encode())
+    root = Path(data_dir)
+    for rel in paths:
+        try:
+            st = os.stat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{rel}\0missing\n".encode())
+    return h.hexdigest()
 
 
 def label_file(data_dir: Path, phase: str) -> Path:
@@ -211,7 +228,10 @@ def _parse_split(data_dir: Path, phase: str, problems: list[str]) -> _Split | No
     lines: list[int] = []
     seen_name: dict[str, int] = {}
     seen_path: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): that also breaks at U+2028, \x0c, \x1c-\x1e and \x85, which can
+    # sit inside a name, and every later line number would then differ from an editor's or grep -n's
+    # (read_text has already turned \r\n and \r into \n)
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         fields = raw.split()
         if not fields:
             continue
@@ -382,7 +402,7 @@ def survey_images(
         try:
             with Image.open(Path(data_dir) / rel) as im:  # lazy: reads the header only
                 (w, h), mode = im.size, im.mode
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             unreadable.append(f"{Path(data_dir) / rel}: cannot open image ({exc})")
             continue
         sizes[f"{w}x{h}"] += 1

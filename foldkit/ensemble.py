@@ -242,12 +242,13 @@ def _tag(tta: Sequence[str]) -> str:
 
 
 def _images_key(data_dir: Path, df: pd.DataFrame) -> str:
-    """Hash of the images' resolved paths, sizes and modification times: a test folder whose files
-    were replaced under the same names (a new public/private split) must not reuse old predictions."""
+    """Hash of the images' resolved paths, sizes, modification and status-change times: a test folder
+    whose files were replaced under the same names (a new public/private split; unpacked with their
+    old mtimes: ctime still moves) must not reuse old predictions."""
     h = hashlib.sha256(str(Path(data_dir).resolve()).encode("utf-8"))
     for name, rel in zip(df.name, df.path, strict=True):
         st = os.stat(Path(data_dir) / rel)
-        h.update(f"\n{name}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        h.update(f"\n{name}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}".encode())
     return h.hexdigest()
 
 

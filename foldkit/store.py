@@ -13,10 +13,17 @@ Files of one store (written to temporary names, then moved into place; ``store.j
     index.csv     path (relative to the data folder), one per row
     store.json    n, height, width, key, build time
 
-The ``key`` hashes the split's label files and every image's path, size and modification time, plus
-the store's pixel size: a changed label file, an added, removed or replaced image, or another size
-rebuilds the store; anything else reuses it. Images of another size than the store's are resized on
-the way in (area when shrinking, linear when enlarging, as the device-side resize does).
+The ``key`` hashes every image's path (in order) with its size, modification and status-change times,
+plus the store's pixel size: an added, removed, renamed or replaced image, or another size rebuilds
+the store; anything else (a changed label, which the pixels do not depend on) reuses it. The status-
+change time (``st_ctime``) catches a file swapped in with an old modification time (``mv``, ``tar``
+extraction), which size and mtime alone would miss. Images of another size than the store's are
+resized on the way in (area when shrinking, linear when enlarging, as the device-side resize does).
+
+One build at a time: a build holds ``<store>/.lock`` (``flock``), a second run waits for it and then
+reuses its result. A process keeps reading the very file it opened (its memory map) even if another
+run rebuilds the store meanwhile (the data changed); a worker that has to map the file anew (spawn
+start method) and finds another file there stops with an error instead of reading shifted rows.
 
 A truncated, empty or undecodable image, or one with an absurd size, stops the build with every such
 file named with its label-file line (exit status 2), before any training starts.
@@ -26,16 +33,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -45,12 +52,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
-from foldkit.data import DataError, label_file, read_test, read_trainval, to_rgb
+from foldkit.data import DataError, files_hash, label_file, read_test, read_trainval, to_rgb
 from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("foldkit.store")  # not __name__: "__main__" under python -m
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: the key covers ctime, not the label files
 #: A side longer than this is not a face crop: a corrupt header or a wrong file in the folder.
 MAX_SIDE = 4096
 #: Label given to a test image that cannot be decoded (``data.on_bad_image: skip``): "real", the
@@ -59,7 +66,8 @@ BAD_IMAGE_LABEL = 0
 _CHUNK = 256  # images per worker task: small enough for a smooth progress bar, large enough to amortise IPC
 _SKIP_HINT = (
     "(to go on without them: main.py --set data.on_bad_image=skip leaves them out of training; "
-    "ensemble.py --on-bad-image skip predicts test ones 0, the fallback)"
+    "ensemble.py --on-bad-image skip, or main.py --mode test --on-bad-image skip, predicts test ones 0, "
+    "the fallback)"
 )
 
 
@@ -204,7 +212,7 @@ def label_lines(data_dir: Path, phase: str) -> dict[str, int]:
     path = label_file(data_dir, phase)
     lines: dict[str, int] = {}
     if path.is_file():
-        for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):  # as data.py
             fields = raw.split()
             if fields:
                 lines.setdefault(fields[0], lineno)
@@ -217,25 +225,22 @@ def describe_bad(data_dir: Path, index: pd.DataFrame, problems: Sequence[tuple[i
     out = []
     for row, problem in problems:
         name, rel, phase = index["name"].iat[row], index["path"].iat[row], index["source"].iat[row]
-        where = f"{label_file(data_dir, phase)}:{lines[phase][name]}" if name in lines[phase] else "listed"
+        where = (
+            f"{label_file(data_dir, phase)}:{lines[phase][name]}"
+            if name in lines[phase]
+            else f"found in the folder: no line in {label_file(data_dir, phase)}"
+        )
         out.append(f"{Path(data_dir) / rel} ({where}): {problem}")
     return out
 
 
 def store_key(data_dir: Path, index: pd.DataFrame, size: tuple[int, int]) -> str:
-    """sha256 of the label files, every image's path, size and mtime, and the store's pixel size."""
-    h = hashlib.sha256(f"foldkit-store-v{STORE_VERSION} {size[0]}x{size[1]}\n".encode())
-    for phase in index["source"].unique():
-        path = label_file(data_dir, phase)
-        h.update(path.read_bytes() if path.is_file() else f"no {path.name}".encode())
-    root = Path(data_dir)
-    for rel in index["path"].tolist():
-        try:
-            st = os.stat(root / rel)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except FileNotFoundError:
-            h.update(f"{rel}\0missing\n".encode())
-    return h.hexdigest()
+    """``files_hash`` of the images in index order, salted with the store's version and pixel size.
+    The label files are left out: the store holds pixels, and a relabel must not re-decode 400,000
+    images."""
+    return files_hash(
+        data_dir, index["path"].tolist(), f"foldkit-store-v{STORE_VERSION} {size[0]}x{size[1]}\n"
+    )
 
 
 def native_size(data_dir: Path, index: pd.DataFrame, sample: int = 200) -> tuple[int, int]:
@@ -246,7 +251,7 @@ def native_size(data_dir: Path, index: pd.DataFrame, sample: int = 200) -> tuple
         try:
             with Image.open(Path(data_dir) / rel) as im:
                 w, h = im.size
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue  # the build names it with its label-file line
         if 0 < max(w, h) <= MAX_SIDE:
             sizes[(h, w)] = sizes.get((h, w), 0) + 1
@@ -257,11 +262,18 @@ def native_size(data_dir: Path, index: pd.DataFrame, sample: int = 200) -> tuple
 
 @dataclass
 class Store:
-    """An opened store: its folder, metadata and the row of each image path."""
+    """An opened store: its folder, metadata, the row of each image path, and its images mapped.
+
+    ``images`` is the memory map of the ``images.u8`` file validated at opening and ``ident`` that
+    file's (device, inode): every source of this store reads that very file, so a rebuild by another
+    run (``os.replace``: a new inode; the old one lives on while mapped) cannot shift its rows.
+    """
 
     path: Path
     meta: dict
     paths: list[str]
+    images: np.ndarray = field(repr=False)
+    ident: tuple[int, int]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -286,19 +298,64 @@ class Store:
 
     def source(self, paths: Sequence[str]) -> StoreSource:
         """A source reading ``paths`` (in that order) from this store."""
-        return StoreSource(self.path / "images.u8", self.shape, self.rows_of(paths))
+        return StoreSource(self.path / "images.u8", self.shape, self.rows_of(paths), self.ident, self.images)
+
+
+def _map(data_path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Memory-map ``data_path`` read-only; with the (device, inode) of the file actually mapped."""
+    with open(data_path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_size != int(np.prod(shape)):
+            raise ValueError(f"{data_path}: {st.st_size} bytes, expected {int(np.prod(shape))}")
+        return np.memmap(fh, dtype=np.uint8, mode="r", shape=shape), (st.st_dev, st.st_ino)
 
 
 def _open(folder: Path) -> Store | None:
+    """The store in ``folder`` if it is complete, else None. ``store.json`` is read before and after
+    the index and the images: a build that replaced them in between changes it (or removes it)."""
     try:
-        meta = json.loads((folder / "store.json").read_text(encoding="utf-8"))
+        text = (folder / "store.json").read_text(encoding="utf-8")
+        meta = json.loads(text)
         paths = pd.read_csv(folder / "index.csv", dtype={"path": str}, na_filter=False)["path"].tolist()
-        size = (folder / "images.u8").stat().st_size
-    except (OSError, ValueError, KeyError):
+        if meta.get("n") != len(paths):
+            return None
+        images, ident = _map(folder / "images.u8", (len(paths), meta["height"], meta["width"], 3))
+        if (folder / "store.json").read_text(encoding="utf-8") != text:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if meta.get("n") != len(paths) or size != len(paths) * meta["height"] * meta["width"] * 3:
-        return None
-    return Store(folder, meta, paths)
+    return Store(folder, meta, paths, images, ident)
+
+
+def _current(folder: Path, key: str, index: pd.DataFrame) -> Store | None:
+    """The store in ``folder`` if it holds exactly ``index``'s images as they are now (``key``)."""
+    store = _open(folder)
+    if store is not None and store.meta.get("key") == key and store.paths == index["path"].tolist():
+        return store
+    return None
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold ``<folder>/.lock`` (``flock``; the kernel drops it when the holder dies, even by SIGKILL):
+    yields True once held; with ``wait=False`` yields False at once if another process holds it.
+    Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            log.info("waiting for another run that is building the image store %s", folder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield True  # the lock goes with the file's close
 
 
 def ensure_store(
@@ -314,14 +371,30 @@ def ensure_store(
     size = tuple(size) if size else native_size(data_dir, index)
     folder = store_dir(work_dir, split, size)
     key = store_key(data_dir, index, size)
-    old = _open(folder)
-    if old is not None and old.meta.get("key") == key and old.paths == index["path"].tolist():
-        log.info("reusing the image store %s (%d images)", folder, old.meta["n"])
-        _refuse_recorded_bad(data_dir, index, old, on_bad_image)
-        return old
-    reason = "none yet" if old is None else "the data changed since it was built"
-    log.info("building the image store %s (%s): %d images at %dx%d", folder, reason, len(index), *size)
-    return _build(data_dir, folder, index, size, key, workers, on_bad_image)
+    store = _current(folder, key, index)
+    if store is None:
+        with _build_lock(folder):
+            store = _current(folder, key, index)  # built by the run this one waited for?
+            if store is None:
+                reason = (
+                    "none yet"
+                    if not (folder / "index.csv").exists()
+                    else "the data changed since it was built"
+                )
+                log.info(
+                    "building the image store %s (%s): %d images at %dx%d", folder, reason, len(index), *size
+                )
+                try:
+                    return _build(data_dir, folder, index, size, key, workers, on_bad_image)
+                except FoldkitError:  # bad images, a full disk: no output
+                    _remove_empty(folder)
+                    raise
+    log.info("reusing the image store %s (%d images)", folder, store.meta["n"])
+    with contextlib.suppress(OSError), _build_lock(folder, wait=False) as held:  # OSError: read-only
+        if held:  # no build runs: any temporary file here was left by one that was killed
+            _remove_leftovers(folder)
+    _refuse_recorded_bad(data_dir, index, store, on_bad_image)
+    return store
 
 
 def _refuse_recorded_bad(data_dir: Path, index: pd.DataFrame, store: Store, on_bad_image: str) -> None:
@@ -335,18 +408,36 @@ def _refuse_recorded_bad(data_dir: Path, index: pd.DataFrame, store: Store, on_b
     raise DataError(describe_bad(data_dir, index, rows), _SKIP_HINT)
 
 
-#: A temporary store file untouched this long belongs to no running build (they write continuously).
-_ABANDONED_S = 600
-
-
-def _remove_abandoned(folder: Path) -> None:
-    """Delete the temporary images file of a build that was killed (SIGKILL, a lost machine): it is
-    as large as the store (14 GiB at full size) and nothing else would ever remove it."""
-    for tmp in folder.glob(".images.u8.*.tmp"):
+def _remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files of a build that was killed (SIGKILL, a lost machine): the images one
+    is as large as the store (14 GiB at full size) and nothing else would ever remove it. Call only
+    while holding the build lock: every build in progress holds it, so no temporary file is live."""
+    for tmp in folder.glob(".*.tmp"):
         with contextlib.suppress(OSError):
-            if time.time() - tmp.stat().st_mtime > _ABANDONED_S:
-                log.info("removing %s, left by a build that did not finish", tmp)
-                tmp.unlink()
+            log.info("removing %s, left by a build that did not finish", tmp)
+            tmp.unlink()
+
+
+def _remove_empty(folder: Path) -> None:
+    """After a failed build (bad images) only the lock is left: remove it and the folders it leaves
+    empty, so bad input leaves no output. Done holding the lock; a run waiting on it then finds no
+    store and tries (and fails) the same way."""
+    if {p.name for p in folder.iterdir()} <= {".lock"}:
+        with contextlib.suppress(OSError):
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+            folder.parent.rmdir()
+
+
+def _check_space(folder: Path, n_bytes: int) -> None:
+    """Refuse a build the disk cannot hold, before decoding for minutes and failing at the end."""
+    free = shutil.disk_usage(folder).free
+    if free < n_bytes:
+        raise FoldkitError(
+            f"the image store needs {n_bytes / 2**30:.2f} GiB in {folder}, but only {free / 2**30:.2f} GiB "
+            "are free: free some space, use a --work-dir on a larger disk, or set data.cache=false (images "
+            "are then decoded on every read: slower)"
+        )
 
 
 def _build(
@@ -358,25 +449,24 @@ def _build(
     workers: int | None,
     on_bad_image: str,
 ) -> Store:
-    """Decode everything into a temporary file, then move the files into place (store.json last)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Decode everything into a temporary file, then move the files into place (store.json last).
+    Called holding the build lock. The old files go first: they are invalid from here on (a process
+    reading them keeps its map), and a failed or full-disk build must not leave them, or need 3x."""
     (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
-    _remove_abandoned(folder)
+    for old in ("images.u8", "index.csv"):
+        (folder / old).unlink(missing_ok=True)
+    _remove_leftovers(folder)
+    n_bytes = len(index) * size[0] * size[1] * 3
+    _check_space(folder, n_bytes)
     workers = max(1, resolve_workers(workers or None))  # 0, like None: every core
     start = time.perf_counter()
-    try:
-        with atomic_path(folder / "images.u8") as tmp:
-            with open(tmp, "wb") as fh:
-                fh.truncate(len(index) * size[0] * size[1] * 3)  # sparse until written
-            problems = _fill(tmp, data_dir, index["path"].tolist(), size, workers, f"store {folder.name}")
-            if problems and on_bad_image != "skip":
-                raise DataError(describe_bad(data_dir, index, problems), _SKIP_HINT)
-            atomic_write_text(folder / "index.csv", index[["path"]].to_csv(index=False, lineterminator="\n"))
-    except DataError:
-        for empty in (folder, folder.parent):  # only if empty: a failed first build leaves nothing
-            with contextlib.suppress(OSError):
-                empty.rmdir()
-        raise
+    with atomic_path(folder / "images.u8") as tmp:
+        with open(tmp, "wb") as fh:
+            fh.truncate(n_bytes)  # sparse until written
+        problems = _fill(tmp, data_dir, index["path"].tolist(), size, workers, f"store {folder.name}")
+        if problems and on_bad_image != "skip":
+            raise DataError(describe_bad(data_dir, index, problems), _SKIP_HINT)
+        atomic_write_text(folder / "index.csv", index[["path"]].to_csv(index=False, lineterminator="\n"))
     seconds = time.perf_counter() - start
     paths = index["path"].to_numpy()
     bad = {str(paths[row]): problem for row, problem in problems}
@@ -394,7 +484,8 @@ def _build(
     }
     atomic_write_text(folder / "store.json", json.dumps(meta, indent=2) + "\n")
     log.info("built %s in %.1f s (%.0f images/s)", folder, seconds, meta["images_per_second"])
-    return Store(folder, meta, index["path"].tolist())
+    images, ident = _map(folder / "images.u8", (len(index), size[0], size[1], 3))
+    return Store(folder, meta, index["path"].tolist(), images, ident)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,15 +494,24 @@ def _build(
 
 
 class StoreSource:
-    """Rows of a store, read through a memmap that each process opens lazily.
+    """Rows of a store, read through the memory map its ``Store`` opened.
 
-    The memmap is dropped when pickled (a pickled memmap becomes a full in-memory copy), so worker
-    processes started with spawn or forkserver map the file themselves.
+    The map is dropped when pickled (a pickled memmap becomes a full in-memory copy), so a worker
+    started with spawn or forkserver maps the file itself, and refuses it unless it is the file the
+    store was opened with (``ident``): after a rebuild by another run its rows would be other images.
+    Forked workers inherit the map.
     """
 
-    def __init__(self, data_path: Path, shape: tuple[int, ...], rows: np.ndarray) -> None:
+    def __init__(
+        self,
+        data_path: Path,
+        shape: tuple[int, ...],
+        rows: np.ndarray,
+        ident: tuple[int, int] | None = None,
+        images: np.ndarray | None = None,
+    ) -> None:
         self.data_path, self.shape, self.rows = Path(data_path), tuple(shape), np.asarray(rows)
-        self._images: np.ndarray | None = None
+        self.ident, self._images = ident, images
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -426,7 +526,17 @@ class StoreSource:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            self._images = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=self.shape)
+            try:
+                images, ident = _map(self.data_path, self.shape)
+            except (OSError, ValueError) as exc:
+                images, ident = None, (exc,)
+            if self.ident is not None and ident != self.ident:
+                raise FoldkitError(
+                    f"{self.data_path} is not the image store this run opened: another run rebuilt or "
+                    "removed it meanwhile (the data changed?), and its rows would be other images. Run "
+                    "the command again: it rebuilds or reuses the store for the data as it is now."
+                )
+            self._images = images
         return self._images
 
     def read(self, i: int) -> np.ndarray:
@@ -527,7 +637,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--img-size",
         type=int,
         default=None,
-        help="side the store keeps images at (default: their native size)",
+        help="side the store keeps images at (default: their native size, the store main.py reads "
+        "unless data.store_size is set; this is not the model's input size, which the GPU resizes to)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="decoding processes (default: one per core)"
@@ -550,6 +661,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if (args.data_dir / "test").is_dir():
         splits.append(("test", read_test(args.data_dir)))
     for split, index in splits:
+        if size and size != (native := native_size(args.data_dir, index)):
+            log.warning(
+                "%s: building a %dx%d store; main.py reads the one at the images' native size %dx%d "
+                "unless its config sets data.store_size=%d (the model's input size is data.img_size)",
+                split, *size, *native, size[0],
+            )  # fmt: skip
         start = time.perf_counter()
         store = ensure_store(
             args.data_dir, args.work_dir, index, split, size, args.workers, args.on_bad_image

@@ -31,7 +31,7 @@ def _files(root: Path) -> set[str]:
 
 def test_leaves_exactly_the_contracted_files(trained: Path) -> None:
     expected = {"folds/folds.csv", "folds/folds.json"}
-    expected |= {f"store/trainval-32x32/{f}" for f in ("images.u8", "index.csv", "store.json")}
+    expected |= {f"store/trainval-32x32/{f}" for f in (".lock", "images.u8", "index.csv", "store.json")}
     for bb in BACKBONES:
         for k in (0, 1):
             run_dir = f"models/demo/{bb}/fold{k}"

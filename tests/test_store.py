@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from foldkit import store as store_mod
 from foldkit.data import DataError, load_rgb, read_test, read_trainval
 from foldkit.dataset import EpochBatchSampler, ImageDataset, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
+from foldkit.io import FoldkitError
 from foldkit.predict import eval_loader
 from foldkit.store import FileSource, StoreSource, ensure_store, main
 
@@ -35,7 +38,7 @@ def test_build_holds_exactly_the_decoded_pixels(data: Path, tmp_path: Path) -> N
     index = read_trainval(data)
     store = ensure_store(data, tmp_path / "w", index, "trainval", workers=2)
     assert store.path == tmp_path / "w/store/trainval-32x32"
-    assert {p.name for p in store.path.iterdir()} == {"images.u8", "index.csv", "store.json"}
+    assert {p.name for p in store.path.iterdir()} == {".lock", "images.u8", "index.csv", "store.json"}
     assert store.shape == (len(index), 32, 32, 3) and store.bad == set()
     assert (store.path / "images.u8").stat().st_size == len(index) * 32 * 32 * 3
     src = store.source(index.path.tolist()[::-1])  # any order of paths maps to the right rows
@@ -73,15 +76,37 @@ def test_rebuilt_when_an_image_is_replaced(data: Path, tmp_path: Path) -> None:
     assert (second.source([index.path[3]]).read(0) == 200).all()
 
 
-def test_rebuilt_when_a_label_file_changes(data: Path, tmp_path: Path) -> None:
+def test_reused_when_only_a_label_changes(data: Path, tmp_path: Path) -> None:
+    """The store holds pixels: a relabel (or a label file saved with CRLF) must not re-decode it."""
     index = read_trainval(data)
     first = ensure_store(data, tmp_path, index, "trainval")
     label_path = data / "train/train_label.txt"
     lines = label_path.read_text().splitlines()
     name, label = lines[0].split()
     lines[0] = f"{name} {1 - int(label)}"
-    label_path.write_text("\n".join(lines) + "\n")
-    assert ensure_store(data, tmp_path, read_trainval(data), "trainval").meta["key"] != first.meta["key"]
+    label_path.write_text("\r\n".join(lines) + "\r\n")
+    again = ensure_store(data, tmp_path, read_trainval(data), "trainval")
+    assert again.meta["key"] == first.meta["key"] and again.ident == first.ident
+
+
+def test_rebuilt_when_images_are_swapped_under_their_old_mtimes(data: Path, tmp_path: Path) -> None:
+    """Two same-size images exchanged by renaming (as unpacking an archive over the folder may do)
+    keep their sizes and modification times; their status-change times tell the store."""
+    index = read_trainval(data)
+    a, b = (data / index.path[i] for i in (0, 1))
+    for f, value in ((a, 10), (b, 240)):
+        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(f)
+        os.utime(f, ns=(1, 1))
+    assert a.stat().st_size == b.stat().st_size
+    first = ensure_store(data, tmp_path, index, "trainval")
+    time.sleep(0.01)
+    os.rename(a, a.with_name("swap"))
+    os.rename(b, a)
+    os.rename(a.with_name("swap"), b)
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (b.stat().st_size, b.stat().st_mtime_ns)
+    second = ensure_store(data, tmp_path, index, "trainval")
+    assert second.meta["key"] != first.meta["key"]
+    assert (second.source([index.path[0]]).read(0) == 240).all()
 
 
 def test_rebuilt_at_another_size(data: Path, tmp_path: Path) -> None:
@@ -612,14 +637,112 @@ def test_compile_mode_reaches_torch_compile(monkeypatch) -> None:
     assert seen == ["reduce-overhead"]
 
 
-def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(data: Path, tmp_path: Path) -> None:
-    """A build killed with SIGKILL leaves .images.u8.*.tmp, as large as the store; the next build of
-    that store removes it once it is clearly abandoned (untouched for 10 minutes), not a live one."""
+def test_a_killed_builds_temporary_file_is_removed_by_the_next_run(data: Path, tmp_path: Path) -> None:
+    """A build killed with SIGKILL leaves .images.u8.*.tmp, as large as the store. Every build holds
+    the store's lock, so the next run that gets the lock (one that reuses the store too) knows such a
+    file is dead and removes it; while a build holds the lock, its temporary file is left alone."""
+    index = read_trainval(data)
+    store = ensure_store(data, tmp_path, index, "trainval")
+    dead = store.path / ".images.u8.abc.tmp"
+    dead.write_bytes(b"\0" * 1000)
+    with open(store.path / ".lock") as fh:  # a build in progress: its file must stay
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        ensure_store(data, tmp_path, index, "trainval")
+        assert dead.exists()
+    ensure_store(data, tmp_path, index, "trainval")  # reused, and the lock is free
+    assert not dead.exists()
+
+
+def test_a_second_run_waits_for_a_build_in_progress_then_reuses_it(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    index = read_trainval(data)
     folder = tmp_path / "store/trainval-32x32"
     folder.mkdir(parents=True)
-    old, live = folder / ".images.u8.abc.tmp", folder / ".images.u8.def.tmp"
-    old.write_bytes(b"\0" * 1000)
-    live.write_bytes(b"\0" * 1000)
-    os.utime(old, (time.time() - 3600, time.time() - 3600))
-    ensure_store(data, tmp_path, read_trainval(data), "trainval")
-    assert not old.exists() and live.exists()
+    result: list = []
+    with open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # the other run's build
+        waiter = threading.Thread(
+            target=lambda: result.append(ensure_store(data, tmp_path, index, "trainval"))
+        )
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not (folder / "store.json").exists()
+        key = store_mod.store_key(data, index, (32, 32))
+        built = store_mod._build(data, folder, index, (32, 32), key, 1, "error")
+    waiter.join(10)
+    assert "waiting for another run that is building the image store" in caplog.text
+    assert "building the image store" not in caplog.text.replace("that is building the image store", "")
+    assert result[0].ident == built.ident
+
+
+def test_a_rebuild_by_another_run_cannot_shift_an_open_stores_rows(data: Path, tmp_path: Path) -> None:
+    """A run holds its store open across folds; another run rebuilds it for changed data (one image
+    added at the top of the label file: every row moves). The first run's sources keep reading the
+    file they opened; a worker that must map the file anew (spawn) refuses the new one."""
+    index = read_trainval(data)
+    opened = ensure_store(data, tmp_path, index, "trainval")
+    before = opened.source(index.path.tolist()).read_many(range(len(index))).copy()
+    label_path = data / "train/train_label.txt"
+    Image.fromarray(np.full((32, 32, 3), 77, np.uint8)).save(data / "train/new.png")
+    label_path.write_text("new.png 1\n" + label_path.read_text())
+    rebuilt = ensure_store(data, tmp_path, read_trainval(data), "trainval")
+    assert rebuilt.ident != opened.ident and rebuilt.shape[0] == len(index) + 1
+    source = opened.source(index.path.tolist())  # made after the rebuild, as the next fold's is
+    np.testing.assert_array_equal(source.read_many(range(len(index))), before)
+    spawned = pickle.loads(pickle.dumps(source))
+    with pytest.raises(FoldkitError, match="not the image store this run opened: another run rebuilt"):
+        spawned.read(0)
+
+
+def test_a_build_the_disk_cannot_hold_stops_before_decoding(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = shutil._ntuple_diskusage(10**9, 10**9, 1000)
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda p: full)
+    monkeypatch.setattr(store_mod, "_fill", lambda *a, **k: pytest.fail("decoded although it cannot fit"))
+    with pytest.raises(FoldkitError, match=r"the image store needs 0.00 GiB .* but only 0.00 GiB are free"):
+        ensure_store(data, tmp_path, read_trainval(data), "trainval")
+    assert not (tmp_path / "store").exists(), "nothing is left behind"
+
+
+def test_an_image_over_pils_pixel_limit_is_named_not_a_traceback(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL refuses an image over twice ``MAX_IMAGE_PIXELS`` with DecompressionBombError, which is not
+    an OSError: the native-size sampling and the build must both treat it as a bad image."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # a bomb: over 3000 pixels; 32x32 is 1024
+    index = read_trainval(data)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / index.path[0])
+    with pytest.raises(FoldkitError, match=r"train_label.txt:1\): cannot decode image: Image size"):
+        ensure_store(data, tmp_path, index, "trainval")
+    store = ensure_store(data, tmp_path, index, "trainval", on_bad_image="skip")
+    assert store.size == (32, 32) and store.bad == {index.path[0]}
+
+
+def test_seed_test_mode_checks_every_test_image_before_predicting(
+    data: Path, trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``main.py --mode test`` named only the first bad test image, without its line, when its batch
+    came up (with workers: inside a worker's traceback). Now all are named up front, nothing is
+    written; ``--on-bad-image skip`` predicts them 0, as ensemble.py does."""
+    import main
+    from foldkit.cli import run
+
+    shutil.copy(trained / "models/demo/test_efficientnet/fold0/best.pt", tmp_path / "1.pth")
+    monkeypatch.chdir(tmp_path)
+    test = read_test(data)
+    for i in (2, 5):
+        bad = data / test.path.iloc[i]
+        bad.write_bytes(bad.read_bytes()[:60])
+    argv = ["--batch=4", "--mode=test", "--model_name", "1.pth", "--data-dir", str(data), "--workers", "2"]
+    assert run(main.main, argv) == 2
+    err = capsys.readouterr().err
+    for i in (2, 5):
+        assert f"{data / test.path.iloc[i]} ({data / 'test/test_label.txt'}:{i + 1}): cannot decode" in err
+    assert "Traceback" not in err and not (tmp_path / "prediction.txt").exists()
+    assert run(main.main, [*argv, "--on-bad-image", "skip"]) == 0
+    lines = (tmp_path / "prediction.txt").read_text().splitlines()
+    assert [line.split(" ")[0] for line in lines] == test.name.tolist()
+    assert lines[2].split(" ")[1] == lines[5].split(" ")[1] == "0"
+    assert "2 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
