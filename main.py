@@ -153,6 +153,16 @@ def _add_test_mode(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--tta", default=None, help="test mode: TTA (none, hflip, d4, ...; default: the checkpoint's)"
     )
+    g.add_argument(
+        "--on-bad-image",
+        "--on_bad_image",
+        dest="on_bad_image",
+        choices=("error", "skip"),
+        default=None,
+        help="test mode: test images that cannot be decoded: error names them all before predicting "
+        "and stops; skip predicts them 0 (real) with a warning (default: the checkpoint's "
+        "data.on_bad_image)",
+    )
 
 
 def resolve_config_path(text: str) -> Path:
@@ -375,6 +385,7 @@ def test(args: argparse.Namespace) -> int:
 
     from foldkit.data import read_test
     from foldkit.predict import load_checkpoint, parse_tta, predict_checkpoint
+    from foldkit.store import BAD_IMAGE_LABEL, open_images
     from foldkit.submission import label_file_names, write_submission
     from foldkit.train import amp_dtype, resolve_device
 
@@ -396,21 +407,23 @@ def test(args: argparse.Namespace) -> int:
         warn_threshold_tta(args.model_name, ckpt, tta)
     batch = int(args.batch) if args.batch else cfg.train.batch_size
     workers = int(args.workers) if args.workers is not None else cfg.data.workers  # None: every core
+    # every test image decoded (into the test store, as ensemble.py does) before the model loads: a
+    # bad one is named with its label-file line now, not when its batch comes up
+    size = tuple(ckpt["store_size"]) if ckpt.get("store_size") else None
+    on_bad = args.on_bad_image or cfg.data.on_bad_image
+    images = open_images(args.data_dir, args.work_dir, test_df, "test", cfg.data.cache, size, workers, on_bad)
+    source = images.source(test_df.path.tolist())
     probs = predict_checkpoint(
-        ckpt,
-        args.data_dir,
-        test_df.path.tolist(),
-        tta,
-        batch,
-        workers,
-        device,
-        amp_dtype(cfg, device),
-        desc="test",
+        ckpt, None, None, tta, batch, workers, device, amp_dtype(cfg, device), desc="test", source=source
     )
     threshold = args.threshold if args.threshold is not None else float(ckpt.get("threshold", 0.5))
     # float64: a float32 comparison would round the threshold, which sits mid-gap between two OOF
     # probabilities (foldkit.blend.best_threshold), possibly onto the lower one
     labels = (np.asarray(probs, dtype=np.float64) >= threshold).astype(int)
+    bad = test_df.path.isin(images.bad).to_numpy()
+    if bad.any():
+        labels[bad] = BAD_IMAGE_LABEL
+        log.warning("%d unreadable test image(s) predicted %d (real)", int(bad.sum()), BAD_IMAGE_LABEL)
     expected = label_file_names(args.data_dir)  # the label file itself, not the list predicted for
     out = write_submission(args.prediction_file, test_df.name.tolist(), labels, expected)
     print(

@@ -85,12 +85,23 @@ def add_set_arg(parser: argparse._ActionsContainer, help_text: str) -> None:
     )
 
 
+def _own_message(exc: FoldkitError) -> str:
+    """The error's own text. Raised in a DataLoader worker, torch re-raises it in the main process
+    with the worker's whole traceback as its message ("Caught FoldkitError in DataLoader worker
+    process 0. Original Traceback ..."): the text after the traceback's last line's class name is
+    what foldkit said."""
+    text = str(exc)
+    if "\nOriginal Traceback (most recent call last):" not in text:
+        return text
+    return text.rsplit(f"{type(exc).__name__}: ", 1)[-1].rstrip() + " (in a data loader worker)"
+
+
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call ``main``; a FoldkitError becomes one clear message on stderr and exit status 2."""
     try:
         return main(argv)
     except FoldkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_own_message(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

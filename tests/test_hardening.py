@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import train_tiny
 
 import ensemble
@@ -299,3 +300,25 @@ def test_an_unfinished_fold_with_other_settings_is_refused_before_earlier_folds_
     # with the old settings it resumes: no refusal up front
     assert train_tiny(tiny_data, trained_copy, "--model", "test_efficientnet", "--fold", "1") == 0
     assert "resuming from" in capsys.readouterr().err
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> None:
+        raise FoldkitError("data/x.png: cannot decode image: truncated\nsecond line")
+
+
+def test_an_error_raised_in_a_loader_worker_prints_its_own_message(capsys) -> None:
+    """torch re-raises a worker's exception with the worker's traceback as its message; the user
+    sees what foldkit said, not 20 lines of traceback."""
+
+    def main(argv: list[str] | None) -> int:
+        for _ in torch.utils.data.DataLoader(_BadImages(), num_workers=1):
+            pass
+        return 0
+
+    assert run(main, []) == 2
+    err = capsys.readouterr().err
+    assert err == "error: data/x.png: cannot decode image: truncated\nsecond line (in a data loader worker)\n"
