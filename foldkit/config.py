@@ -211,6 +211,7 @@ def _range_checks(cfg: RunConfig) -> dict[str, bool]:
         "data.near_dup_min_corr": 0 < cfg.data.near_dup_min_corr <= 1,
         "data.near_dup_max_group": cfg.data.near_dup_max_group >= 1,
         "seed": cfg.seed >= 0,
+        "data.fold_seed": 0 <= cfg.data.fold_seed < 2**32,  # numpy's and sklearn's seed range
         "device": re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None,
         "train.epochs": tc.epochs >= 1,
         "train.batch_size": tc.batch_size >= 1,  # 1 trains where BatchNorm sees >1 pixel (train.py)

@@ -11,9 +11,10 @@ The config's ``data:`` section supplies every fold setting (the same keys ``main
 ``main.py`` reuses these folds instead of rebuilding them); ``--set`` and then explicit flags override
 it. ``--data-dir`` defaults to ``data``, ``--work-dir`` to the project root. Writes
 ``<work-dir>/folds/folds.csv`` (columns ``name,path,label,source,group,fold``) and
-``<work-dir>/folds/folds.json`` (settings, ``data_hash`` of the index, ``hash`` of folds.csv, which every
-later artifact records). The same settings on the same data give byte-identical files. On bad input the
-problems go to stderr, the exit status is 2 and nothing is written.
+``<work-dir>/folds/folds.json`` (settings, ``data_hash`` of the index, and with near_dup of the image
+files too, ``hash`` of folds.csv, which every later artifact records). The same settings on the same
+data give a byte-identical folds.csv. On bad input the problems go to stderr, the exit status is 2 and
+nothing is written.
 
 Groups keep related images in one fold, so a model is never validated on a face it trained on:
 
@@ -49,7 +50,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from foldkit import PROJECT_ROOT
 from foldkit.cli import add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import MAX_HAMMING, DataConfig, load_config, parse_override
-from foldkit.data import INDEX_COLUMNS, read_trainval, survey_images
+from foldkit.data import INDEX_COLUMNS, files_hash, read_trainval, survey_images
 from foldkit.io import FoldkitError, atomic_write_text, read_json_artifact
 from foldkit.neardup import (
     LinkReport,
@@ -130,18 +131,21 @@ def settings_changes(old: dict, new: dict) -> list[str]:
 def check_group_regex(names: pd.Series, data: DataConfig, work_dir: Path, refold: bool = False) -> None:
     """The group regex's coverage check on the names alone, for callers that would otherwise decode
     every image (the store) before making the folds tells them the regex does not fit. Skipped when
-    the folds on disk were made with these settings and ``refold`` is off: they are reused then, and
-    may have been made with ``python -m foldkit.folds --allow-unmatched``."""
+    the folds on disk were made with these settings on these very names and ``refold`` is off: they
+    are reused then, and may have been made with ``python -m foldkit.folds --allow-unmatched``. New
+    data is checked, so a regex that misses its names stops the run before the store decodes it."""
     settings = fold_settings(data)
     if not settings["group_regex"]:
         return
     if not refold:
         try:
-            _, meta = _read_verified(Path(work_dir))
+            csv, meta = _read_verified(Path(work_dir))
         except FoldkitError:
-            meta = None
+            csv, meta = b"", None
         if meta is not None and not settings_changes(meta, settings):
-            return
+            made_on = pd.read_csv(io.BytesIO(csv), usecols=["name"], dtype=str, keep_default_na=False).name
+            if len(made_on) == len(names) and set(made_on) == set(names):
+                return
     _regex_keys(names, settings["group_regex"], data.allow_unmatched)
 
 
@@ -282,7 +286,7 @@ def check_groups(groups: Groups, names: np.ndarray, k: int) -> None:
         cause, options = _explain_group(big, groups, names, limit)
         raise FoldkitError(
             f"the largest group holds {sizes[big]} of {n} images ({sizes[big] / n:.0%}), over n/(2k) = "
-            f"{limit:.0f} for k={k}, so the folds could not be balanced: {cause}. Options: {options}"
+            f"{limit:.1f} for k={k}, so the folds could not be balanced: {cause}. Options: {options}"
         )
 
 
@@ -291,7 +295,7 @@ def check_groups(groups: Groups, names: np.ndarray, k: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _bundle_groups(labels: np.ndarray, components: np.ndarray, seed: int) -> np.ndarray:
+def _bundle_groups(labels: np.ndarray, components: np.ndarray, seed: int, n_splits: int) -> np.ndarray:
     """Pack small single-label groups into random bundles so StratifiedGroupKFold sees few groups.
 
     A bundle only ever forces more rows into one fold, so groups stay whole; bundles are single-label,
@@ -304,7 +308,12 @@ def _bundle_groups(labels: np.ndarray, components: np.ndarray, seed: int) -> np.
     if n_kept > _MAX_SGKF_GROUPS:
         logger.warning("%d groups hold both real and fake images; assigning folds will be slow", n_kept)
     budget = max((_MAX_SGKF_GROUPS - n_kept) // 2, 1)  # halved: groups above target also stay whole
-    target = max(int(np.ceil(size[pure >= 0].sum() / budget)), 1)
+    # A bundle is placed whole, so it must stay small against a fold: at most 1/25 of the n/(2k)
+    # group limit. Without that cap, ~10,000 mixed groups left a budget of 1 bundle per label, and one
+    # fold took every real-only group, another every fake-only one (fake ratios 100% / 0%). More
+    # groups than _MAX_SGKF_GROUPS then only cost time (~3 s per 20,000 groups).
+    cap = max(len(components) // (50 * n_splits), 1)
+    target = max(min(int(np.ceil(size[pure >= 0].sum() / budget)), cap), 1)
     rng = np.random.default_rng(seed)
     bundle = np.arange(len(size))
     next_id = len(size)
@@ -328,7 +337,7 @@ def _assign_folds(labels: np.ndarray, components: np.ndarray, k: int, seed: int)
         groups = None
     else:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        groups = components if n_groups <= _MAX_SGKF_GROUPS else _bundle_groups(labels, components, seed)
+        groups = components if n_groups <= _MAX_SGKF_GROUPS else _bundle_groups(labels, components, seed, k)
     folds = np.full(n, -1, dtype=np.int64)
     try:
         for fold, (_, test) in enumerate(splitter.split(np.zeros((n, 1)), labels, groups)):
@@ -405,11 +414,65 @@ def make_folds(
         len(sizes), len(df), int((sizes > 1).sum()), int(sizes.max(initial=0)),
     )  # fmt: skip
     check_groups(groups, df["name"].to_numpy(), k)
+    if groups.links is not None:
+        _warn_label_conflicts(df, groups.links.pixel_codes)
     df["group"] = pd.Series(groups.ids, dtype=str)
     df["fold"] = _assign_folds(df["label"].to_numpy(), groups.components, k, seed)
     _log_balance(df, k)
+    if groups.links is not None and groups.links.capped:
+        _warn_split_copies(df, groups.links.capped)
+    _check_both_labels(df, k)
     assert_no_leak(df)
     return df
+
+
+def _warn_split_copies(df: pd.DataFrame, capped: list[tuple[int, int, float]]) -> None:
+    """Say how many near-duplicates the size cap left in two folds (possible leaks), after the folds
+    are known: the cap's own log line counts refused links, not whether their ends were split."""
+    fold, names = df["fold"].to_numpy(), df["name"].to_numpy()
+    split = [(a, b, r) for a, b, r in capped if fold[a] != fold[b]]
+    if split:
+        apart = len({i for a, b, _ in split for i in (a, b)})
+        shown = "; ".join(f"{names[a]} ~ {names[b]} (folds {fold[a]} / {fold[b]})" for a, b, _ in split[:3])
+        logger.warning(
+            "near-dup: %d near-duplicate pairs refused by the size cap ended in different folds (%d images, "
+            "possible leaks): %s%s. A larger data.near_dup_max_group keeps such sets whole",
+            len(split), apart, shown, " ..." if len(split) > 3 else "",
+        )  # fmt: skip
+
+
+def _warn_label_conflicts(df: pd.DataFrame, pixel_codes: np.ndarray) -> None:
+    """Pixel-identical images labelled both real and fake: almost always a label error (or a blank
+    crop in both classes). They share a group and a fold, so nothing leaks; the labels need a look."""
+    labels = df["label"].to_numpy()
+    both = pd.Series(labels).groupby(pixel_codes).nunique() > 1
+    if not both.any():
+        return
+    names, shown = df["name"].to_numpy(), []
+    for code in both.index[both][:5]:
+        rows = np.flatnonzero(pixel_codes == code)
+        real, fake = rows[labels[rows] == 0][0], rows[labels[rows] == 1][0]
+        shown.append(f"{names[real]} (0) = {names[fake]} (1)")
+    logger.warning(
+        "%d set(s) of pixel-identical images carry both labels (a label error?): %s%s",
+        int(both.sum()), "; ".join(shown), " ..." if both.sum() > 5 else "",
+    )  # fmt: skip
+
+
+def _check_both_labels(df: pd.DataFrame, k: int) -> None:
+    """Every fold must hold real and fake images: a fold without one of them has no F1, no AUC and no
+    threshold to validate, and its model's OOF rows mislead the blend. Caught here, not epochs later."""
+    counts = pd.crosstab(df["fold"], df["label"]).reindex(index=range(k), columns=[0, 1], fill_value=0)
+    empty = [(fold, label) for fold in range(k) for label in (0, 1) if counts.loc[fold, label] == 0]
+    if empty:
+        what = {0: "real (0)", 1: "fake (1)"}
+        shown = ", ".join(f"fold {f} holds no {what[lab]} image" for f, lab in empty[:5])
+        totals = f"{int((df.label == 0).sum())} real and {int((df.label == 1).sum())} fake images in all"
+        raise FoldkitError(
+            f"{shown}{' ...' if len(empty) > 5 else ''} ({totals}, {k} folds): every fold needs both to "
+            "score a model and tune its threshold. Options: fewer folds (--k / --set data.k=N), or more "
+            "images of the missing class (check the label files)"
+        )
 
 
 def assert_no_leak(df: pd.DataFrame) -> None:
@@ -442,10 +505,20 @@ def index_hash(index: pd.DataFrame) -> str:
     return _sha256(cols.to_csv(index=False, lineterminator="\n").encode("utf-8"))
 
 
-def write_folds(df: pd.DataFrame, work_dir: Path, meta: dict) -> dict:
+def data_hash(index: pd.DataFrame, data_dir: Path, near_dup: bool) -> str:
+    """What the folds of ``index`` depend on: its rows, and with ``near_dup`` the image files too (their
+    pixels decide the groups: a file replaced under its old name must rebuild the folds, or two copies
+    could stay in two folds). Files are judged by ``files_hash`` (stat only, no decoding)."""
+    if not near_dup:
+        return index_hash(index)
+    return _sha256(f"{index_hash(index)}\n{files_hash(data_dir, index['path'].tolist())}".encode())
+
+
+def write_folds(df: pd.DataFrame, work_dir: Path, meta: dict, made_from: str | None = None) -> dict:
     """Check for leaks, then atomically write folds.csv and folds.json; return the json's content.
 
-    No timestamps or paths outside the data folder go in, so the same input gives the same bytes.
+    No timestamps or paths outside the data folder go in folds.csv, so the same input gives the same
+    bytes (and folds hash). ``made_from``: the ``data_hash`` to record (default: the rows' own).
     """
     missing = [c for c in FOLD_COLUMNS if c not in df.columns]
     if missing:
@@ -456,7 +529,7 @@ def write_folds(df: pd.DataFrame, work_dir: Path, meta: dict) -> dict:
     assert_no_leak(df)
     text = df[FOLD_COLUMNS].to_csv(index=False, lineterminator="\n")
     full = {key: meta[key] for key in SETTING_KEYS}
-    full.update(n=len(df), data_hash=index_hash(df), hash=_sha256(text.encode("utf-8")))
+    full.update(n=len(df), data_hash=made_from or index_hash(df), hash=_sha256(text.encode("utf-8")))
     out = folds_dir(work_dir)
     atomic_write_text(out / "folds.csv", text)  # csv first: a stale json then fails the hash check
     atomic_write_text(out / "folds.json", json.dumps(full, indent=2) + "\n")
@@ -592,7 +665,8 @@ def ensure_folds(
     if len(exclude):
         index = index[~index["path"].isin(set(exclude))].reset_index(drop=True)
         logger.info("leaving %d unreadable image(s) out of the folds", len(exclude))
-    reason = "--force" if force else _stale_reason(Path(work_dir), settings, index_hash(index))
+    made_from = data_hash(index, Path(data_dir), near_dup)
+    reason = "--force" if force else _stale_reason(Path(work_dir), settings, made_from)
     if reason is None:
         df, meta = load_folds(Path(work_dir))
         logger.info(
@@ -603,7 +677,7 @@ def ensure_folds(
     logger.info("rebuilding the folds in %s: %s", folds_dir(work_dir), reason)
     survey_images(Path(data_dir), index)
     df = make_folds(index, Path(data_dir), workers=workers, allow_unmatched=allow_unmatched, **settings)
-    meta = write_folds(df, Path(work_dir), settings)
+    meta = write_folds(df, Path(work_dir), settings, made_from)
     logger.info("wrote %s (folds hash %s)", folds_dir(work_dir) / "folds.csv", meta["hash"][:12])
     return df, meta
 

@@ -89,7 +89,7 @@ def _fingerprint_one(path: str) -> tuple[tuple[int, int, bytes] | None, str | No
         phash = int(str(imagehash.phash(grey, hash_size=8)), 16)
         thumb = grey.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
         return (phash, int.from_bytes(pixels, "little"), thumb), None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's "bad file"
         return None, f"{path}: cannot read image for hashing ({exc})"
 
 
@@ -321,12 +321,13 @@ def log_links(
     report: LinkReport, names: np.ndarray, keys: np.ndarray | None, hamming: int, min_corr: float, cap: int
 ) -> None:
     """Log what the duplicate links did (distinct pairs), with example name pairs for every refused kind."""
-    bridged = ""
-    if report.exact_bridges:
-        bridged = f"; {len(report.exact_bridges)} such copies join two regex groups: " + pair_text(
-            names, keys, report.exact_bridges, "="
-        )
-    logger.info("near-dup: %d images are pixel-identical copies of another%s", report.exact_copies, bridged)
+    logger.info("near-dup: %d images are pixel-identical copies of another", report.exact_copies)
+    if report.exact_bridges:  # a copy filed under two subjects: a leak fixed by merging, or a blank crop
+        logger.warning(
+            "near-dup: %d pixel-identical copies join two regex groups, which are merged (a copy under "
+            "another subject's id, or blank/failed crops that look alike): %s",
+            len(report.exact_bridges), pair_text(names, keys, report.exact_bridges, "="),
+        )  # fmt: skip
     logger.info(
         "near-dup: %d distinct pHash pairs within %d bits; %d of them in two groups were pixel-checked, "
         "%d pass (thumbnail r >= %.3g), %d joined groups",

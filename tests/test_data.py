@@ -385,3 +385,14 @@ def test_survey_reports_unreadable_images(tmp_path: Path) -> None:
 
 def test_image_exts_are_the_documented_ones() -> None:
     assert IMAGE_EXTS == (".png", ".jpg", ".jpeg", ".webp")
+
+
+def test_line_numbers_count_newlines_only_as_an_editor_does(tmp_path: Path) -> None:
+    """str.splitlines() also breaks at U+2028, form feed and \\x1c-\\x1e: a name holding one made
+    every later line number one too high against grep -n (line 3's label 2 was reported as line 4)."""
+    data = make_data(tmp_path)
+    files = ["a.png", "b\u2028c.png", "d.png"]
+    path = write_split(data, "train", "a.png 0\nb\u2028c.png 1\nd.png 2\n", files)
+    with pytest.raises(DataError) as err:
+        read_trainval(data)
+    assert f"{path}:3: " in str(err.value) and f"{path}:4" not in str(err.value)

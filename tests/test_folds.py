@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,14 @@ from PIL import Image
 
 import foldkit
 from foldkit import folds as folds_mod
-from foldkit.config import MAX_HAMMING, ConfigError, load_config
+from foldkit.config import MAX_HAMMING, ConfigError, load_config, parse_override
 from foldkit.data import label_file, read_trainval
 from foldkit.folds import (
     FOLD_COLUMNS,
     SETTING_KEYS,
     assert_no_leak,
     build_parser,
+    check_group_regex,
     ensure_folds,
     fold_settings,
     fold_table,
@@ -282,7 +284,9 @@ def test_near_dup_links_follow_the_policy(use_fingerprints, caplog: pytest.LogCa
     assert group[a] == "S1" and group[b] == "S2" and group[399] == group[f] == "S6"
     assert group[c] == group[d] and group[c].startswith("g") and group[e] == "S5"
     assert df["fold"][c] == df["fold"][d] and df["fold"][399] == df["fold"][f]
-    assert "1 images are pixel-identical copies of another; 1 such copies join two regex groups" in log
+    assert "1 images are pixel-identical copies of another" in log
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 pixel-identical copies join two regex groups, which are merged" in m for m in warned)
     assert f"{names[min(c, d)]} = {names[max(c, d)]}" in log
     # Distinct pairs: c~e agrees on all 7 chunks of the hash, d is c's pixel copy; each counts once.
     assert "3 distinct pHash pairs within 6 bits; 3 of them in two groups were pixel-checked, 2 pass" in log
@@ -302,6 +306,11 @@ def test_near_dup_links_cannot_chain_past_the_cap(use_fingerprints, caplog: pyte
     sizes = capped["group"].iloc[:30].value_counts()
     assert sizes.max() == 4 and sizes.sum() == 30
     assert "would make a group of over 4 images without a regex key" in messages(caplog)
+    # the 30 copies now sit in several folds: said after the folds are made, with how many images
+    folds_of_copies = capped["fold"].iloc[:30].nunique()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    split = [m for m in warned if "refused by the size cap ended in different folds" in m]
+    assert folds_of_copies > 1 and len(split) == 1 and "possible leaks" in split[0]
     whole = make_folds(index, Path("."), near_dup=True, near_dup_max_group=30)
     assert whole["group"].iloc[:30].nunique() == 1
 
@@ -754,3 +763,81 @@ def test_cli_module_exit_status(tmp_path: Path) -> None:
     assert f"{label_file(data, 'train')}:1: label must be 0" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert {p.name: p.read_bytes() for p in (work / "folds").iterdir()} == before  # nothing written
+
+
+def test_many_mixed_groups_still_give_balanced_folds() -> None:
+    """Over 10,000 groups, small single-label ones are bundled for speed. With ~10,500 subjects that
+    each hold a real and a fake image, the bundle budget used to fall to one bundle per label: one
+    fold got every real-only image, another every fake-only one (fake ratios 100% / 0%)."""
+    n_mixed, n_single = 10_500, 20_000
+    names = [f"S{s}_{x}.png" for s in range(n_mixed) for x in "ab"] + [f"x{i}.png" for i in range(n_single)]
+    labels = [0, 1] * n_mixed + np.random.default_rng(0).integers(0, 2, n_single).tolist()
+    index = pd.DataFrame({"name": names, "path": ["train/" + n for n in names], "label": labels})
+    index["source"] = "train"
+    folds = make_folds(index, "/nonexistent", k=5, seed=42, group_regex=r"S\d+", allow_unmatched=True)
+    ratios = folds.groupby("fold").label.mean()
+    assert len(ratios) == 5 and (ratios - folds.label.mean()).abs().max() < 0.015, ratios.tolist()
+    assert folds.groupby("group").fold.nunique().max() == 1
+
+
+def test_near_dup_folds_are_rebuilt_when_an_image_is_replaced_under_its_name(tmp_path: Path) -> None:
+    """With near_dup the pixels decide the groups: a validate image overwritten with a copy of a
+    train image in another fold (names and labels unchanged) used to reuse the old folds, keeping
+    the two copies in two folds."""
+    data, work = make_data(tmp_path, names=[f"img{i}.png" for i in range(40)]), tmp_path / "w"
+    df, first = ensure_folds(data, work, k=4, near_dup=True)
+    fold = df.set_index("path").fold
+    src = next(p for p in df.path[df.source == "train"] if df.label[df.path == p].item() == 1)
+    dst = next(p for p in df.path[(df.source == "validate") & (df.label == 1)] if fold[p] != fold[src])
+    shutil.copyfile(data / src, data / dst)
+    df, rebuilt = ensure_folds(data, work, k=4, near_dup=True)
+    assert rebuilt["data_hash"] != first["data_hash"]
+    fold = df.set_index("path").fold
+    assert fold[src] == fold[dst]
+    _, again = ensure_folds(data, work, k=4, near_dup=True)  # nothing changed since: reused
+    assert again == rebuilt
+
+
+def test_a_fold_without_fakes_is_refused_naming_the_counts() -> None:
+    """2 fakes for 5 folds left three folds without any (no F1, no threshold), with exit 0."""
+    index = synthetic_index(n=200, n_subjects=200)
+    index["label"] = 0
+    index.loc[[3, 50], "label"] = 1
+    with pytest.raises(FoldkitError, match=r"fold \d holds no fake \(1\) image.*198 real and 2 fake images"):
+        make_folds(index, Path("."), k=5)
+    index["label"] = 0
+    with pytest.raises(FoldkitError, match=r"fold 0 holds no fake \(1\) image.*Options: fewer folds"):
+        make_folds(index, Path("."), k=2)
+
+
+def test_regex_check_runs_on_new_names_even_with_the_same_settings(tmp_path: Path) -> None:
+    """Folds made with S\\d+ on subject names; then md5-named data arrives with unchanged settings: the
+    coverage check must stop it by the names (before the store decodes), not trust the old folds."""
+    data, work = make_data(tmp_path), tmp_path / "w"
+    cfg = load_config(None, []).data
+    ensure_folds(data, work, **fold_settings(cfg))
+    check_group_regex(read_trainval(data).name, cfg, work)  # the same names: skipped, no error
+    hashed = pd.Series([hashlib.md5(str(i).encode()).hexdigest() + ".png" for i in range(40)])
+    with pytest.raises(FoldkitError, match="group_regex"):
+        check_group_regex(hashed, cfg, work)
+
+
+def test_a_negative_fold_seed_is_refused_by_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"data.fold_seed: -1 is out of range"):
+        load_config(None, [parse_override("data.fold_seed=-1")])
+
+
+def test_identical_images_with_both_labels_are_warned_by_name(
+    use_fingerprints, caplog: pytest.LogCaptureFixture
+) -> None:
+    index = synthetic_index(n=400)
+    real, fake = int(np.flatnonzero(index.label == 0)[0]), int(np.flatnonzero(index.label == 1)[0])
+    fp = fake_fingerprints(400)
+    make_copy(fp, real, fake, exact=True)
+    use_fingerprints(fp)
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        df = make_folds(index, Path("."), group_regex=None, near_dup=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    line = f"{index.name[real]} (0) = {index.name[fake]} (1)"
+    assert any("1 set(s) of pixel-identical images carry both labels" in m and line in m for m in warned)
+    assert df.fold[real] == df.fold[fake]
