@@ -67,7 +67,7 @@ from tqdm import tqdm
 from foldkit.cli import HelpFormatter
 from foldkit.io import FoldkitError, atomic_write_text
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("foldkit.synthetic")  # not __name__: "__main__" under python -m
 
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
 DATE_BASE = 19070000

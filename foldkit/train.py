@@ -789,9 +789,10 @@ def _drop_bad(
     images: Store | FileSet, train_df: pd.DataFrame, val_df: pd.DataFrame, label: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Leave out the images the store could not decode (``data.on_bad_image: skip`` records them and
-    stores black rows): no model should learn from a blank face or be scored on one. Their OOF rows
-    are then missing in every model alike."""
-    bad = getattr(images, "bad", set())  # a FileSet decodes per epoch and records nothing
+    stores black rows; without a store, the up-front check records them in ``FileSet.bad``): no
+    model should learn from a blank face or be scored on one. Their OOF rows are then missing in
+    every model alike."""
+    bad = images.bad
     drop_train, drop_val = train_df.path.isin(bad), val_df.path.isin(bad)
     names = [*train_df.name[drop_train], *val_df.name[drop_val]]
     if names:
