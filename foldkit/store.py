@@ -452,6 +452,7 @@ def _build(
     """Decode everything into a temporary file, then move the files into place (store.json last).
     Called holding the build lock. The old files go first: they are invalid from here on (a process
     reading them keeps its map), and a failed or full-disk build must not leave them, or need 3x."""
+    folder.mkdir(parents=True, exist_ok=True)  # a failed build before may have removed it (_remove_empty)
     (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
     for old in ("images.u8", "index.csv"):
         (folder / old).unlink(missing_ok=True)

@@ -746,3 +746,24 @@ def test_seed_test_mode_checks_every_test_image_before_predicting(
     assert [line.split(" ")[0] for line in lines] == test.name.tolist()
     assert lines[2].split(" ")[1] == lines[5].split(" ")[1] == "0"
     assert "2 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
+
+
+def test_a_run_waiting_on_a_build_that_failed_and_cleaned_up_builds_itself(
+    data: Path, tmp_path: Path
+) -> None:
+    """A failed first build removes its lock file and folder while a second run waits on that lock:
+    the waiter wakes to a missing folder and must build there, not crash on it."""
+    index = read_trainval(data)
+    folder = tmp_path / "store/trainval-32x32"
+    folder.mkdir(parents=True)
+    result: list = []
+    with open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        run = lambda: result.append(ensure_store(data, tmp_path, index, "trainval"))  # noqa: E731
+        waiter = threading.Thread(target=run)
+        waiter.start()
+        time.sleep(0.5)
+        store_mod._remove_empty(folder)  # what the failed build does, still holding the lock
+        assert not folder.exists()
+    waiter.join(10)
+    assert result and result[0].shape[0] == len(index)
