@@ -49,16 +49,18 @@ class DataError(FoldkitError):
 
 
 def files_hash(data_dir: Path, paths: Sequence[str], salt: str = "") -> str:
-    """sha256 of ``salt`` and every file's path, size, modification and status-change time, in order
-    (a missing file as missing): it changes when a file is added, removed, renamed or replaced. ctime
-    catches a file swapped in under its old mtime (``mv``, an archive unpacked over the folder), which
-    size and mtime alone miss; users cannot set it. One ``stat`` per file, no reading."""
+    """sha256 of ``salt`` and every file's path, size and modification time, in order (a missing file
+    as missing): it changes when a file is added, removed, renamed or rewritten. One ``stat`` per
+    file, no reading. Not the status-change time: ``chmod -R``, ``cp -a``, ``rsync -a`` or ``tar x``
+    change it on every file and would re-decode the store and redo the near-dup pass for nothing; the
+    price is that a file replaced by one of the very same size under its old mtime goes unnoticed
+    (``touch`` it)."""
     h = hashlib.sha256(salt.encode())
     root = Path(data_dir)
     for rel in paths:
         try:
             st = os.stat(root / rel)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except FileNotFoundError:
             h.update(f"{rel}\0missing\n".encode())
     return h.hexdigest()

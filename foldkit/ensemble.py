@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Largest gap between the OOF's and the submission's predicted fake rates that passes without a warning.
-RATE_GAP = 0.02
 #: The default test threshold fit (``foldkit.calibrate.TEST_THRESHOLD_FITS``): fitted on OOF scores
 #: shaped like the fold average the submission is (``fold_mean_oof``; the log-odds mean of the fold
 #: pipelines, ``fold_average``); on the eight benchmark runs whose fold models learn the task it lost the
@@ -242,13 +240,12 @@ def _tag(tta: Sequence[str]) -> str:
 
 
 def _images_key(data_dir: Path, df: pd.DataFrame) -> str:
-    """Hash of the images' resolved paths, sizes, modification and status-change times: a test folder
-    whose files were replaced under the same names (a new public/private split; unpacked with their
-    old mtimes: ctime still moves) must not reuse old predictions."""
+    """Hash of the images' resolved paths, sizes and modification times: a test folder whose files
+    were replaced under the same names (a new public/private split) must not reuse old predictions."""
     h = hashlib.sha256(str(Path(data_dir).resolve()).encode("utf-8"))
     for name, rel in zip(df.name, df.path, strict=True):
         st = os.stat(Path(data_dir) / rel)
-        h.update(f"\n{name}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}".encode())
+        h.update(f"\n{name}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -536,7 +533,10 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     names = test_df.name.tolist()
     text = submission_text(names, labels, label_file_names(opts.data_dir))  # checked before any write
     out = opts.work_dir / "oof" / opts.name
-    fitted.report = record_test_rate(out, float(labels.mean()), threshold, extra)
+    # the fake rate of the images the models saw: a skipped unreadable one's fallback 0 says nothing
+    fitted.report = record_test_rate(
+        out, float(labels[ok].mean()) if ok.any() else 0.0, threshold, extra, int(ok.sum())
+    )
     out_dir = opts.work_dir / "submissions" / opts.name
     pred = atomic_write_text(out_dir / "prediction.txt", text)
     table = pd.DataFrame({"name": names, "prob": probs, "label": labels})
@@ -645,20 +645,24 @@ def _calibrated(fitted: Fitted, column: int, per_fold: list[np.ndarray]) -> list
 
 
 def record_test_rate(
-    out_dir: Path, test_rate: float, threshold: float, extra: dict[str, Any] | None = None
+    out_dir: Path,
+    test_rate: float,
+    threshold: float,
+    extra: dict[str, Any] | None = None,
+    n_test: int | None = None,
 ) -> dict[str, Any]:
     """Add the submission's predicted fake rate (and the threshold it used) to the report; warn when it
-    is more than ``RATE_GAP`` from the OOF's at its threshold: then the threshold does not sit where
-    the submission's probabilities live (or the test's fake ratio differs from the training one)."""
+    is more than ``foldkit.report.rate_gap`` from the OOF's at its threshold: then the threshold does
+    not sit where the submission's probabilities live (or the test's fake ratio differs)."""
     from foldkit.report import add_test_rate
 
-    report = add_test_rate(out_dir, test_rate, threshold, extra)
-    oof_rate = report["summary"].get("oof_positive_rate")
-    if oof_rate is not None and abs(test_rate - oof_rate) > RATE_GAP:
+    report = add_test_rate(out_dir, test_rate, threshold, extra, n_test)
+    oof_rate, gap = report["summary"].get("oof_positive_rate"), report["summary"]["rate_gap"]
+    if oof_rate is not None and abs(test_rate - oof_rate) > gap:
         log.warning(
             "the submission predicts %.1f%% fake, the OOF %.1f%% at its threshold (more than %.0f points "
             "apart): the threshold may be misplaced on the fold-averaged test probabilities, or the test "
             "fake ratio differs; see %s",
-            100 * test_rate, 100 * oof_rate, 100 * RATE_GAP, out_dir / "report.md",
+            100 * test_rate, 100 * oof_rate, 100 * gap, out_dir / "report.md",
         )  # fmt: skip
     return report

@@ -13,12 +13,11 @@ Files of one store (written to temporary names, then moved into place; ``store.j
     index.csv     path (relative to the data folder), one per row
     store.json    n, height, width, key, build time
 
-The ``key`` hashes every image's path (in order) with its size, modification and status-change times,
-plus the store's pixel size: an added, removed, renamed or replaced image, or another size rebuilds
-the store; anything else (a changed label, which the pixels do not depend on) reuses it. The status-
-change time (``st_ctime``) catches a file swapped in with an old modification time (``mv``, ``tar``
-extraction), which size and mtime alone would miss. Images of another size than the store's are
-resized on the way in (area when shrinking, linear when enlarging, as the device-side resize does).
+The ``key`` hashes every image's path (in order) with its size and modification time, plus the
+store's pixel size: an added, removed, renamed or rewritten image, or another size rebuilds the store;
+anything else (a changed label, which the pixels do not depend on; ``chmod``; a copy keeping mtimes)
+reuses it. Images of another size than the store's are resized on the way in (area when shrinking,
+linear when enlarging, as the device-side resize does).
 
 One build at a time: a build holds ``<store>/.lock`` (``flock``), a second run waits for it and then
 reuses its result. A process keeps reading the very file it opened (its memory map) even if another
@@ -57,7 +56,7 @@ from foldkit.io import FoldkitError, atomic_path, atomic_write_text
 
 log = logging.getLogger("foldkit.store")  # not __name__: "__main__" under python -m
 
-STORE_VERSION = 2  # 2: the key covers ctime, not the label files
+STORE_VERSION = 2  # 2: the key leaves the label files out
 #: A side longer than this is not a face crop: a corrupt header or a wrong file in the folder.
 MAX_SIDE = 4096
 #: Label given to a test image that cannot be decoded (``data.on_bad_image: skip``): "real", the
@@ -65,7 +64,8 @@ MAX_SIDE = 4096
 BAD_IMAGE_LABEL = 0
 _CHUNK = 256  # images per worker task: small enough for a smooth progress bar, large enough to amortise IPC
 _SKIP_HINT = (
-    "(to go on without them: main.py --set data.on_bad_image=skip leaves them out of training; "
+    "(to go on without them: main.py --set data.on_bad_image=skip leaves them out of training, and "
+    "python -m foldkit.store --on-bad-image skip records them in the store; "
     "ensemble.py --on-bad-image skip, or main.py --mode test --on-bad-image skip, predicts test ones 0, "
     "the fallback)"
 )
@@ -335,27 +335,50 @@ def _current(folder: Path, key: str, index: pd.DataFrame) -> Store | None:
     return None
 
 
+#: Without ``flock`` (Windows) a temporary file this long untouched belongs to no live build.
+_ABANDONED_S = 600
+
+
 @contextlib.contextmanager
-def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
+def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool | None]:
     """Hold ``<folder>/.lock`` (``flock``; the kernel drops it when the holder dies, even by SIGKILL):
     yields True once held; with ``wait=False`` yields False at once if another process holds it.
-    Where ``fcntl`` is missing (Windows) nothing is locked."""
+    Where ``fcntl`` is missing (Windows) nothing is locked: yields None.
+
+    A failed build removes the lock file (``_remove_empty``) while others may wait on it: a lock won
+    on a file no longer at ``.lock`` is no lock (a third run would lock the new file and build
+    beside it), so the holder then tries again on the file that is there now."""
     try:
         import fcntl
     except ImportError:
-        yield True
+        yield None
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                yield False
+    announced = False
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                if not announced:
+                    log.info("waiting for another run that is building the image store %s", folder)
+                    announced = True
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            if _same_file(fh, folder / ".lock"):
+                yield True  # the lock goes with the file's close
                 return
-            log.info("waiting for another run that is building the image store %s", folder)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield True  # the lock goes with the file's close
+
+
+def _same_file(fh: object, path: Path) -> bool:
+    """Whether the open file ``fh`` is still the file at ``path`` (not removed, not replaced)."""
+    try:
+        here, there = os.fstat(fh.fileno()), os.stat(path)  # type: ignore[attr-defined]
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def ensure_store(
@@ -373,7 +396,7 @@ def ensure_store(
     key = store_key(data_dir, index, size)
     store = _current(folder, key, index)
     if store is None:
-        with _build_lock(folder):
+        with _build_lock(folder) as locked:
             store = _current(folder, key, index)  # built by the run this one waited for?
             if store is None:
                 reason = (
@@ -385,14 +408,14 @@ def ensure_store(
                     "building the image store %s (%s): %d images at %dx%d", folder, reason, len(index), *size
                 )
                 try:
-                    return _build(data_dir, folder, index, size, key, workers, on_bad_image)
+                    return _build(data_dir, folder, index, size, key, workers, on_bad_image, locked)
                 except FoldkitError:  # bad images, a full disk: no output
                     _remove_empty(folder)
                     raise
     log.info("reusing the image store %s (%d images)", folder, store.meta["n"])
     with contextlib.suppress(OSError), _build_lock(folder, wait=False) as held:  # OSError: read-only
-        if held:  # no build runs: any temporary file here was left by one that was killed
-            _remove_leftovers(folder)
+        if held is not False:  # no build runs: a temporary file here was left by one that was killed
+            _remove_leftovers(folder, held)
     _refuse_recorded_bad(data_dir, index, store, on_bad_image)
     return store
 
@@ -408,14 +431,16 @@ def _refuse_recorded_bad(data_dir: Path, index: pd.DataFrame, store: Store, on_b
     raise DataError(describe_bad(data_dir, index, rows), _SKIP_HINT)
 
 
-def _remove_leftovers(folder: Path) -> None:
+def _remove_leftovers(folder: Path, locked: bool | None) -> None:
     """Delete the temporary files of a build that was killed (SIGKILL, a lost machine): the images one
-    is as large as the store (14 GiB at full size) and nothing else would ever remove it. Call only
-    while holding the build lock: every build in progress holds it, so no temporary file is live."""
+    is as large as the store (14 GiB at full size) and nothing else would ever remove it. Holding the
+    build lock (``locked``), every one is dead: a build in progress holds the lock. Without ``flock``
+    (None) only files untouched for ``_ABANDONED_S`` are (a build writes continuously)."""
     for tmp in folder.glob(".*.tmp"):
         with contextlib.suppress(OSError):
-            log.info("removing %s, left by a build that did not finish", tmp)
-            tmp.unlink()
+            if locked or time.time() - tmp.stat().st_mtime > _ABANDONED_S:
+                log.info("removing %s, left by a build that did not finish", tmp)
+                tmp.unlink()
 
 
 def _remove_empty(folder: Path) -> None:
@@ -448,6 +473,7 @@ def _build(
     key: str,
     workers: int | None,
     on_bad_image: str,
+    locked: bool | None = True,
 ) -> Store:
     """Decode everything into a temporary file, then move the files into place (store.json last).
     Called holding the build lock. The old files go first: they are invalid from here on (a process
@@ -456,7 +482,7 @@ def _build(
     (folder / "store.json").unlink(missing_ok=True)  # a half-replaced store must never look current
     for old in ("images.u8", "index.csv"):
         (folder / old).unlink(missing_ok=True)
-    _remove_leftovers(folder)
+    _remove_leftovers(folder, locked)
     n_bytes = len(index) * size[0] * size[1] * 3
     _check_space(folder, n_bytes)
     workers = max(1, resolve_workers(workers or None))  # 0, like None: every core

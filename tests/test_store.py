@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import pickle
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -89,24 +91,17 @@ def test_reused_when_only_a_label_changes(data: Path, tmp_path: Path) -> None:
     assert again.meta["key"] == first.meta["key"] and again.ident == first.ident
 
 
-def test_rebuilt_when_images_are_swapped_under_their_old_mtimes(data: Path, tmp_path: Path) -> None:
-    """Two same-size images exchanged by renaming (as unpacking an archive over the folder may do)
-    keep their sizes and modification times; their status-change times tell the store."""
+def test_reused_after_chmod_and_a_copy_that_keeps_mtimes(data: Path, tmp_path: Path) -> None:
+    """Metadata-only changes (sharing the data with chmod, moving it with cp -a / rsync -a) must not
+    re-decode 400,000 images: the key is path, size and mtime, not ctime or inode."""
     index = read_trainval(data)
-    a, b = (data / index.path[i] for i in (0, 1))
-    for f, value in ((a, 10), (b, 240)):
-        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(f)
-        os.utime(f, ns=(1, 1))
-    assert a.stat().st_size == b.stat().st_size
     first = ensure_store(data, tmp_path, index, "trainval")
-    time.sleep(0.01)
-    os.rename(a, a.with_name("swap"))
-    os.rename(b, a)
-    os.rename(a.with_name("swap"), b)
-    assert (a.stat().st_size, a.stat().st_mtime_ns) == (b.stat().st_size, b.stat().st_mtime_ns)
-    second = ensure_store(data, tmp_path, index, "trainval")
-    assert second.meta["key"] != first.meta["key"]
-    assert (second.source([index.path[0]]).read(0) == 240).all()
+    for rel in index.path:
+        os.chmod(data / rel, 0o444)
+    copy = tmp_path / "copied"
+    shutil.copytree(data, copy)  # copy2: contents and mtimes kept, new inodes and ctimes
+    again = ensure_store(copy, tmp_path, read_trainval(copy), "trainval")
+    assert again.meta["key"] == first.meta["key"] and again.ident == first.ident
 
 
 def test_rebuilt_at_another_size(data: Path, tmp_path: Path) -> None:
@@ -656,6 +651,7 @@ def test_a_killed_builds_temporary_file_is_removed_by_the_next_run(data: Path, t
 def test_a_second_run_waits_for_a_build_in_progress_then_reuses_it(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="foldkit")
     index = read_trainval(data)
     folder = tmp_path / "store/trainval-32x32"
     folder.mkdir(parents=True)
@@ -735,7 +731,9 @@ def test_seed_test_mode_checks_every_test_image_before_predicting(
     for i in (2, 5):
         bad = data / test.path.iloc[i]
         bad.write_bytes(bad.read_bytes()[:60])
+    work = tmp_path / "w"  # nothing but prediction.txt may be written: the project folder may be read-only
     argv = ["--batch=4", "--mode=test", "--model_name", "1.pth", "--data-dir", str(data), "--workers", "2"]
+    argv += ["--work-dir", str(work)]
     assert run(main.main, argv) == 2
     err = capsys.readouterr().err
     for i in (2, 5):
@@ -745,7 +743,9 @@ def test_seed_test_mode_checks_every_test_image_before_predicting(
     lines = (tmp_path / "prediction.txt").read_text().splitlines()
     assert [line.split(" ")[0] for line in lines] == test.name.tolist()
     assert lines[2].split(" ")[1] == lines[5].split(" ")[1] == "0"
-    assert "2 unreadable test image(s) predicted 0 (real)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"2 unreadable test image(s) predicted 0 (real): {test.name.iloc[2]}, {test.name.iloc[5]}" in err
+    assert not work.exists()
 
 
 def test_a_run_waiting_on_a_build_that_failed_and_cleaned_up_builds_itself(
@@ -767,3 +767,56 @@ def test_a_run_waiting_on_a_build_that_failed_and_cleaned_up_builds_itself(
         assert not folder.exists()
     waiter.join(10)
     assert result and result[0].shape[0] == len(index)
+
+
+def test_a_lock_on_a_removed_lock_file_is_taken_again(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed build removes its lock file while run B waits on it; run C then locks a new one and
+    builds. B's lock on the removed file must not count: it waits for C and reuses C's store instead
+    of building beside it (and deleting C's files)."""
+    index = read_trainval(data)
+    folder = tmp_path / "store/trainval-32x32"
+    folder.mkdir(parents=True)
+    got: dict[str, object] = {}
+    builds: list[int] = []
+    fill = store_mod._fill
+
+    def slow_fill(*args: object, **kwargs: object) -> object:
+        builds.append(1)
+        time.sleep(1.0)  # C is still building when A lets B go
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "_fill", slow_fill)
+
+    def run(name: str) -> None:
+        got[name] = ensure_store(data, tmp_path, index, "trainval", workers=1)
+
+    b, c = (threading.Thread(target=run, args=(n,)) for n in "bc")
+    with open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # run A, whose build fails
+        b.start()
+        time.sleep(0.3)
+        store_mod._remove_empty(folder)
+        c.start()
+        time.sleep(0.3)
+    b.join(10)
+    c.join(10)
+    assert len(builds) == 1, "B built beside C"
+    assert got["b"].ident == got["c"].ident == store_mod._open(folder).ident
+
+
+def test_without_flock_only_an_old_temporary_file_is_taken_for_dead(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where fcntl is missing (Windows) no lock tells a live build from a dead one: a temporary file
+    is removed only when untouched for 10 minutes, as a build writes continuously."""
+    index = read_trainval(data)
+    store = ensure_store(data, tmp_path, index, "trainval")
+    dead, live = store.path / ".images.u8.abc.tmp", store.path / ".images.u8.def.tmp"
+    for f in (dead, live):
+        f.write_bytes(b"\0" * 1000)
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl now raises ImportError
+    ensure_store(data, tmp_path, index, "trainval")
+    assert not dead.exists() and live.exists()
