@@ -189,6 +189,12 @@ def train(args: argparse.Namespace) -> int:
     """Train mode: every (fold, backbone) pair asked for, after checking data, weights, device and folds."""
     if args.save_every is not None and args.save_every < 1:
         raise FoldkitError(f"--save-every {args.save_every}: expected a number of batches >= 1")
+    test_only = [
+        f"--{n}" for n in ("model_name", "threshold", "tta", "on_bad_image") if getattr(args, n) is not None
+    ]
+    test_only += ["--prediction_file"] if args.prediction_file != "prediction.txt" else []
+    if test_only:
+        log.warning("train mode ignores the test-mode option(s) %s (add --mode test)", ", ".join(test_only))
     devices = _check_devices_option(args)
     cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
@@ -407,11 +413,13 @@ def test(args: argparse.Namespace) -> int:
         warn_threshold_tta(args.model_name, ckpt, tta)
     batch = int(args.batch) if args.batch else cfg.train.batch_size
     workers = int(args.workers) if args.workers is not None else cfg.data.workers  # None: every core
-    # every test image decoded (into the test store, as ensemble.py does) before the model loads: a
-    # bad one is named with its label-file line now, not when its batch comes up
+    # every test image decoded once before the model loads: a bad one is named with its label-file
+    # line now, not when its batch comes up. No store: the seed's command writes nothing but its
+    # prediction file (--work-dir defaults to the project folder, which may be read-only); that
+    # costs one more decode of the test set
     size = tuple(ckpt["store_size"]) if ckpt.get("store_size") else None
     on_bad = args.on_bad_image or cfg.data.on_bad_image
-    images = open_images(args.data_dir, args.work_dir, test_df, "test", cfg.data.cache, size, workers, on_bad)
+    images = open_images(args.data_dir, args.work_dir, test_df, "test", False, size, workers, on_bad)
     source = images.source(test_df.path.tolist())
     probs = predict_checkpoint(
         ckpt, None, None, tta, batch, workers, device, amp_dtype(cfg, device), desc="test", source=source
@@ -423,7 +431,8 @@ def test(args: argparse.Namespace) -> int:
     bad = test_df.path.isin(images.bad).to_numpy()
     if bad.any():
         labels[bad] = BAD_IMAGE_LABEL
-        log.warning("%d unreadable test image(s) predicted %d (real)", int(bad.sum()), BAD_IMAGE_LABEL)
+        shown = ", ".join(test_df.name[bad].head(5)) + (" ..." if bad.sum() > 5 else "")
+        log.warning("%d unreadable test image(s) predicted %d (real): %s", bad.sum(), BAD_IMAGE_LABEL, shown)
     expected = label_file_names(args.data_dir)  # the label file itself, not the list predicted for
     out = write_submission(args.prediction_file, test_df.name.tolist(), labels, expected)
     print(

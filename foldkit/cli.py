@@ -93,7 +93,8 @@ def _own_message(exc: FoldkitError) -> str:
     text = str(exc)
     if "\nOriginal Traceback (most recent call last):" not in text:
         return text
-    return text.rsplit(f"{type(exc).__name__}: ", 1)[-1].rstrip() + " (in a data loader worker)"
+    prefix = text[: max(text.find(f"Caught {type(exc).__name__} "), 0)]  # e.g. main.py's "rank 1 of 2: "
+    return prefix + text.rsplit(f"{type(exc).__name__}: ", 1)[-1].rstrip() + " (in a data loader worker)"
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

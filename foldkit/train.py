@@ -718,6 +718,7 @@ def _train_fold(
     label = task.label
     train_df, val_df = _drop_bad(images, train_df, val_df, label)
     _check_train_size(train_df, label, folds_df)
+    _warn_dropped(len(train_df), cfg.train.batch_size, label)
     model = create_model(cfg, backbone)
     mean, std = data_stats(model)
     model.to(device)
@@ -820,6 +821,19 @@ def _check_train_size(train_df: pd.DataFrame, label: str, folds_df: pd.DataFrame
         f"{ranks}: use more train/validate images or fewer folds (data.k)"
         + (" or fewer processes." if world > 1 else ".")
     )
+
+
+def _warn_dropped(n_train: int, batch: int, label: str) -> None:
+    """Say when the last partial batch, dropped every epoch (another one each epoch), is a large share
+    of a small training split: 200 images at batch 128 train on 128 per epoch. Single process only
+    (under torchrun ``_log_ddp`` says how the images are split)."""
+    dropped = n_train % batch if distributed.world_size() == 1 else 0
+    if dropped > 0.1 * n_train:
+        log.warning(
+            "%s: batch %d leaves out %d of the %d training images every epoch (the last partial batch; "
+            "others each epoch): a smaller --batch trains on more of them",
+            label, batch, dropped, n_train,
+        )  # fmt: skip
 
 
 def _training_error(exc: Exception, cfg: RunConfig, label: str) -> Exception:

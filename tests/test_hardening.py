@@ -5,6 +5,7 @@ are refused clearly; image names pandas would read as missing values survive the
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -322,3 +323,23 @@ def test_an_error_raised_in_a_loader_worker_prints_its_own_message(capsys) -> No
     assert run(main, []) == 2
     err = capsys.readouterr().err
     assert err == "error: data/x.png: cannot decode image: truncated\nsecond line (in a data loader worker)\n"
+
+    def ranked(argv: list[str] | None) -> int:  # main.py names the rank under torchrun
+        try:
+            return main(argv)
+        except FoldkitError as exc:
+            raise FoldkitError(f"rank 1 of 2: {exc}") from exc
+
+    assert run(ranked, []) == 2
+    assert capsys.readouterr().err.startswith("error: rank 1 of 2: data/x.png: cannot decode image")
+
+
+def test_a_batch_that_leaves_out_much_of_a_small_split_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """200 training images at batch 128 train on 128 per epoch: said once per fold, not silently."""
+    from foldkit.train import _warn_dropped
+
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        _warn_dropped(256_000 + 100, 128, "b fold 0")  # 100 of 256,100: nothing to say
+        assert not caplog.records
+        _warn_dropped(200, 128, "b fold 0")
+    assert "b fold 0: batch 128 leaves out 72 of the 200 training images every epoch" in caplog.text

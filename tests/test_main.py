@@ -484,3 +484,10 @@ def test_a_last_partial_accumulation_group_steps_with_a_full_sized_gradient(n_ba
     assert len(grads) == (n_batches + 1) // 2
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
+
+
+def test_train_mode_says_it_ignores_test_mode_options(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--data-dir", str(tiny_data), "--work-dir", str(tmp_path), "--fold", "9", "--threshold", "0.3"]
+    assert run(main.main, [*argv, "--on-bad-image", "skip"]) == 2  # fold 9: stops in preflight
+    err = capsys.readouterr().err
+    assert "train mode ignores the test-mode option(s) --threshold, --on_bad_image (add --mode test)" in err
