@@ -105,8 +105,10 @@ def check_hashes(models: list[ModelOOF], current: str) -> None:
     (only,) = seen or {current: []}
     if only != current:
         raise FoldkitError(
-            f"OOF files were made with folds {only[:12]}, but folds/folds.csv is now "
-            f"{current[:12]}; retrain with the current folds or restore the old folds.csv"
+            f"OOF files were made with folds {only[:12]}, but folds/folds.csv is now {current[:12]} (the "
+            "data or the fold settings changed since; every experiment of this --work-dir shares its "
+            "folds): retrain this experiment on the current folds, or, to keep it as it was, run it "
+            "from a --work-dir of its own with the data it was trained on"
         )
 
 

@@ -242,13 +242,24 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [*lines, ""]
 
 
+def method_label(report: dict[str, Any]) -> str:
+    """The chosen method, and when a weighted blend put all its weight on one model, that model: a
+    "caruana" of weights 1 / 0 is the single model under another name, and reads like an ensemble."""
+    method = str(report["summary"]["method"])
+    weights = (report.get("blend") or {}).get("weights") or {}
+    used = [name for name, w in weights.items() if w > 0]
+    if method.startswith("single:") or len(weights) < 2 or len(used) != 1:
+        return method
+    return f"{method}: all weight on {used[0]}"
+
+
 def _md_summary(report: dict[str, Any]) -> list[str]:
     """Headline numbers first: what was chosen and how much to trust it."""
     s, b = report["summary"], report["blend"]
     lines = [
         f"# OOF report: {report['exp']}",
         "",
-        f"- **Blend method:** `{s['method']}`",
+        f"- **Blend method:** `{method_label(report)}`",
         f"- **Threshold:** {_fmt(s['threshold'])} (predict fake if p >= threshold; the best F1 of the "
         "pooled OOF blend; the submission's own threshold, once `--mode test` has run, is below)",
         f"- **In-sample F1** (blend and threshold fitted and scored on all OOF): {_fmt(s['in_sample_f1'])}",
@@ -325,11 +336,16 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
         lines.append(f"- Threshold applied to the submission: {_fmt(b['test_threshold'])}{how}")
     rates = (s.get("oof_positive_rate"), s.get("test_positive_rate"))
     if rates[0] is not None:
-        test = "not yet (run --mode test)" if rates[1] is None else f"{100 * rates[1]:.1f}%"
+        test = (
+            "not measured by this run (--mode test measures it)"
+            if rates[1] is None
+            else f"{100 * rates[1]:.1f}%"
+        )
         at = "the threshold above" if rates[1] is None else "the submission's threshold"
         lines.append(f"- Predicted fake rate: OOF {100 * rates[0]:.1f}% at {at}; submission {test}")
-        if rates[1] is not None and abs(rates[1] - rates[0]) > 0.02:
-            lines.append("- **Warning:** the two fake rates differ by more than 2 points")
+        gap = s.get("rate_gap", RATE_GAP)
+        if rates[1] is not None and abs(rates[1] - rates[0]) > gap:
+            lines.append(f"- **Warning:** the two fake rates differ by more than {100 * gap:.0f} points")
     return lines
 
 
@@ -446,7 +462,7 @@ def summary_table(report: dict[str, Any]) -> str:
     """A short fixed-width table for the terminal: models, then the blend with its threshold and F1s."""
     b = report["blend"]
     names = list(report["models"])
-    blend_name = f"blend [{b['method']}]"
+    blend_name = f"blend [{method_label(report)}]"
     width = max(len(s) for s in [*names, blend_name, "model"])
     lines = [f"{'model':<{width}}  {'F1@0.5':>7}  {'best F1':>7}  {'AUC':>7}  {'thr':>7}  {'nested':>7}"]
     for name in names:
@@ -716,17 +732,38 @@ def blend_vs_best(report: dict[str, Any]) -> str:
     )
 
 
+#: Smallest gap between the OOF's and the submission's predicted fake rates that is worth a warning.
+RATE_GAP = 0.02
+
+
+def rate_gap(oof_rate: float, n_test: int | None) -> float:
+    """How far the submission's fake rate may sit from the OOF's before it is worth a warning:
+    ``RATE_GAP``, or three binomial standard errors of a rate over ``n_test`` images when that is
+    wider (90 test images at 50%: 16 points, which noise alone can give; 80,000: 0.5, so
+    ``RATE_GAP`` rules)."""
+    if not n_test:
+        return RATE_GAP
+    return max(RATE_GAP, 3.0 * math.sqrt(max(oof_rate * (1.0 - oof_rate), 1e-12) / n_test))
+
+
 def add_test_rate(
-    out_dir: Path, test_rate: float, threshold: float, extra: dict[str, Any] | None = None
+    out_dir: Path,
+    test_rate: float,
+    threshold: float,
+    extra: dict[str, Any] | None = None,
+    n_test: int | None = None,
 ) -> dict[str, Any]:
-    """Record the submission's predicted fake rate (and the threshold it used) in report.json and
-    report.md, atomically; ``extra`` summary keys (the fold-mean estimate) too. Returns the report."""
+    """Record the submission's predicted fake rate over ``n_test`` readable images (and the threshold
+    it used) in report.json and report.md, atomically, with the gap to the OOF rate worth a warning
+    (``rate_gap``); ``extra`` summary keys (the fold-mean estimate) too. Returns the report."""
     path = Path(out_dir) / "report.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FoldkitError(f"{path}: cannot read the OOF report to add the test fake rate: {exc}") from exc
     report["summary"]["test_positive_rate"] = _plain(float(test_rate))
+    oof_rate = report["summary"].get("oof_positive_rate")
+    report["summary"]["rate_gap"] = rate_gap(oof_rate, n_test) if oof_rate is not None else RATE_GAP
     report["blend"]["test_positive_rate"] = _plain(float(test_rate))
     report["blend"]["test_threshold"] = float(threshold)
     for key, value in (extra or {}).items():
@@ -739,8 +776,12 @@ def add_test_rate(
 def estimate_line(report: dict[str, Any]) -> str:
     """The closing line of ensemble.py: the number to expect on the test set, and what it beats."""
     s = report["summary"]
-    how = "outer loop + fold-average gain" if s.get("estimate_single_fold") is not None else "outer loop"
-    line = f"estimate ({how}; expect this test F1): {_fmt(s.get('estimate'))}{_se(s)} [{s['method']}]"
+    if s.get("estimate_single_fold") is not None:  # test mode: the submission's own estimate
+        capped = s["estimate_single_fold"] + s["fold_mean_gain"] > 1
+        how = "outer loop + fold-average gain" + (", capped at 1" if capped else "") + "; expect this test F1"
+    else:  # val mode: the fold models are averaged on the test set only by --mode test
+        how = "outer loop; --mode test adds the fold-average gain of the submission"
+    line = f"estimate ({how}): {_fmt(s.get('estimate'))}{_se(s)} [{method_label(report)}]"
     if not s.get("best_single"):
         return line
     chosen, single, where = _like_for_like(report)  # never the estimate against another kind of score

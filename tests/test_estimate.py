@@ -475,3 +475,39 @@ def test_crossfit_leaves_a_fold_too_small_to_cross_fit_uncalibrated() -> None:
     out = crossfit_oof(P, y, folds, "platt")
     assert np.array_equal(out[:2], P[:2]) and not np.array_equal(out[2:], P[2:])
     assert np.isfinite(out).all()
+
+
+def test_the_fake_rate_gap_that_warns_grows_on_a_small_test_set(tmp_path: Path, caplog) -> None:
+    """On 90 test images one image is 1.1 points: a 5-point gap is noise there (3 binomial SE = 16
+    points), and only a real misplacement at 80,000 images."""
+    out = _report(tmp_path, 0.40)
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        report = record_test_rate(out, 0.45, 0.5, n_test=90)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert report["summary"]["rate_gap"] == pytest.approx(3 * (0.4 * 0.6 / 90) ** 0.5)
+    assert "differ by more than" not in (out / "report.md").read_text()
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        record_test_rate(out, 0.45, 0.5, n_test=80_000)
+    assert any("more than 2 points apart" in r.getMessage() for r in caplog.records)
+
+
+def test_a_capped_estimate_and_a_val_mode_estimate_say_so() -> None:
+    from foldkit.report import estimate_line
+
+    summary = {"method": "logit", "estimate": 1.0, "estimate_single_fold": 0.95, "fold_mean_gain": 0.06}
+    line = estimate_line({"summary": summary})
+    assert line.startswith(
+        "estimate (outer loop + fold-average gain, capped at 1; expect this test F1): 1.0000"
+    )
+    val = estimate_line({"summary": {"method": "logit", "estimate": 0.938}})
+    assert val.startswith("estimate (outer loop; --mode test adds the fold-average gain of the submission)")
+
+
+def test_a_weighted_blend_with_all_weight_on_one_model_is_named_so() -> None:
+    from foldkit.report import estimate_line, method_label
+
+    report = {"summary": {"method": "caruana", "estimate": 0.96}, "blend": {"weights": {"a": 1.0, "b": 0.0}}}
+    assert method_label(report) == "caruana: all weight on a"
+    assert estimate_line(report).endswith("0.9600 [caruana: all weight on a]")
+    report["blend"]["weights"] = {"a": 0.7, "b": 0.3}
+    assert method_label(report) == "caruana"
