@@ -8,7 +8,9 @@ later step would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -105,3 +107,27 @@ def listed(items: Sequence[str], limit: int = MAX_LISTED) -> list[str]:
     still say how many there are."""
     more = [f"... and {len(items) - limit} more"] if len(items) > limit else []
     return [*items[:limit], *more]
+
+
+#: errno values of a file system without ``flock`` (Lustre mounted noflock, some FUSE mounts).
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def try_flock(fh: IO[Any], what: str) -> bool | None:
+    """Try an exclusive ``flock`` on ``fh`` without waiting: True held, False held by another process,
+    None when the file system has no ``flock`` (then ``what`` goes unlocked, with a warning) rather
+    than a traceback; the caller decides what an unlocked run may do."""
+    import fcntl
+
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            raise
+        logging.getLogger("foldkit").warning(
+            "%s: this file system has no file locking (%s): not locked", what, exc
+        )
+        return None
+    return True

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from foldkit.config import HARMLESS_KEYS, RunConfig, flatten, to_dict
-from foldkit.io import FoldkitError
+from foldkit.io import FoldkitError, try_flock
 from foldkit.predict import file_sha256
 
 log = logging.getLogger(__name__)
@@ -221,14 +221,13 @@ def fold_lock(model_dir: Path, label: str) -> Iterator[None]:
     to delete by hand. Where ``fcntl`` is missing (Windows) nothing is locked.
     """
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (only whether it exists: try_flock uses it)
     except ImportError:
         yield
         return
     with open(model_dir / ".lock", "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        held = try_flock(fh, f"{label}: {model_dir / '.lock'}")
+        if held is False:
             fh.seek(0)
             holder = fh.read().strip() or "?"
             raise FoldkitError(

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
 from foldkit.data import DataError, files_hash, label_file, read_test, read_trainval, to_rgb
-from foldkit.io import FoldkitError, atomic_path, atomic_write_text
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text, try_flock
 
 log = logging.getLogger("foldkit.store")  # not __name__: "__main__" under python -m
 
@@ -357,9 +357,11 @@ def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool | None]:
     while True:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / ".lock", "a+", encoding="utf-8") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            held = try_flock(fh, f"image store {folder}")
+            if held is None:  # a file system without flock: as without fcntl
+                yield None
+                return
+            if held is False:
                 if not wait:
                     yield False
                     return

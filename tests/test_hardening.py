@@ -343,3 +343,25 @@ def test_a_batch_that_leaves_out_much_of_a_small_split_is_warned(caplog: pytest.
         assert not caplog.records
         _warn_dropped(200, 128, "b fold 0")
     assert "b fold 0: batch 128 leaves out 72 of the 200 training images every epoch" in caplog.text
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lustre mounted noflock answers flock with ENOSYS: the fold and store locks go without, said
+    once each, instead of a traceback."""
+    import errno
+    import fcntl
+
+    from foldkit.resume import fold_lock
+    from foldkit.store import _build_lock
+
+    def no_flock(fh: object, op: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING, logger="foldkit"), fold_lock(tmp_path, "b fold 0"):
+        pass
+    with _build_lock(tmp_path / "store") as held:
+        assert held is None
+    assert caplog.text.count("this file system has no file locking") == 2
