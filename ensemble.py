@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from foldkit.cli import HelpFormatter, add_path_args, run, setup_logging
+from foldkit.cli import HelpFormatter, add_on_bad_image_arg, add_path_args, run, setup_logging
 from foldkit.config import TTA_NAMES
 from foldkit.io import FoldkitError
 
@@ -121,13 +121,9 @@ def _add_threshold(g: argparse._ArgumentGroup) -> None:
 
 
 def _add_inference(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--on-bad-image",
-        "--on_bad_image",
-        dest="on_bad_image",
-        choices=("error", "skip"),
-        default=None,
-        help="test images that cannot be decoded: error names them all and stops (also those a store "
+    add_on_bad_image_arg(
+        g,
+        "test images that cannot be decoded: error names them all and stops (also those a store "
         "recorded earlier with skip); skip predicts them 0 (real), the fallback, with a warning "
         "(default: each checkpoint's data.on_bad_image)",
     )

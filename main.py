@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from foldkit import PROJECT_ROOT
-from foldkit.cli import HelpFormatter, add_path_args, add_set_arg, run, setup_logging
+from foldkit.cli import HelpFormatter, add_on_bad_image_arg, add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
 from foldkit.io import FoldkitError, listed
 from foldkit.preflight import check_models, preflight
@@ -153,15 +153,10 @@ def _add_test_mode(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--tta", default=None, help="test mode: TTA (none, hflip, d4, ...; default: the checkpoint's)"
     )
-    g.add_argument(
-        "--on-bad-image",
-        "--on_bad_image",
-        dest="on_bad_image",
-        choices=("error", "skip"),
-        default=None,
-        help="test mode: test images that cannot be decoded: error names them all before predicting "
-        "and stops; skip predicts them 0 (real) with a warning (default: the checkpoint's "
-        "data.on_bad_image)",
+    add_on_bad_image_arg(
+        g,
+        "test mode: test images that cannot be decoded: error names them all before predicting and "
+        "stops; skip predicts them 0 (real) with a warning (default: the checkpoint's data.on_bad_image)",
     )
 
 

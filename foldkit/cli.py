@@ -85,6 +85,14 @@ def add_set_arg(parser: argparse._ActionsContainer, help_text: str) -> None:
     )
 
 
+def add_on_bad_image_arg(parser: argparse._ActionsContainer, help_text: str) -> None:
+    """``--on-bad-image {error,skip}`` (or ``--on_bad_image``), default None: the checkpoint's own."""
+    parser.add_argument(
+        "--on-bad-image", "--on_bad_image", dest="on_bad_image", choices=("error", "skip"), default=None,
+        help=help_text,
+    )  # fmt: skip
+
+
 def _own_message(exc: FoldkitError) -> str:
     """The error's own text. Raised in a DataLoader worker, torch re-raises it in the main process
     with the worker's whole traceback as its message ("Caught FoldkitError in DataLoader worker
