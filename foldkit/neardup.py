@@ -67,6 +67,10 @@ def graph_components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.n
 # --------------------------------------------------------------------------------------------------
 
 
+#: A grey 16x16 thumbnail with a standard deviation under this (of 0..255) is a blank image, not a face.
+BLANK_STD = 2.0
+
+
 class Fingerprints(NamedTuple):
     """What the near-duplicate policy needs of each image, computed in one parallel pass over the files."""
 
@@ -213,11 +217,26 @@ class LinkReport:
     joined: list[tuple[int, int, float]] = field(default_factory=list)  # fuzzy links that merged groups
     bridges: list[tuple[int, int, float]] = field(default_factory=list)  # refused: two regex groups
     capped: list[tuple[int, int, float]] = field(default_factory=list)  # refused: over the size cap
+    blank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # near-blank rows: not linked
 
     @property
     def exact_copies(self) -> int:
         """Images whose pixels equal those of an earlier image."""
         return len(self.pixel_codes) - len(np.unique(self.pixel_codes))
+
+
+def _pixel_sets(fp: Fingerprints) -> tuple[np.ndarray, np.ndarray]:
+    """Identical-pixel set of each row, and the rows of near-blank images (grey thumbnail std under
+    ``BLANK_STD``). Each blank image is a set of its own: identical black or grey crops (a failed face
+    detection) say nothing about identity, and joined they merged unrelated subjects into one group
+    (or one too large to fold). Their thumbnails are flat, so the pixel check never joins them either."""
+    codes = pd.factorize(fp.pixels)[0]
+    blank = np.flatnonzero(fp.thumbs.std(axis=1) < BLANK_STD) if len(codes) else np.zeros(0, np.int64)
+    if len(blank) > 1:
+        codes = codes.copy()
+        codes[blank] = codes.max() + 1 + np.arange(len(blank))
+        codes = pd.factorize(codes)[0]  # 0..sets-1 again
+    return codes, blank
 
 
 def _exact_bridges(pixel_codes: np.ndarray, key_codes: np.ndarray) -> list[tuple[int, int]]:
@@ -288,8 +307,8 @@ def link_groups(
     in one vectorised pass, and merged by ``_merge_fuzzy`` under its two refusals.
     """
     n = len(key_codes)
-    pixel_codes = pd.factorize(fp.pixels)[0]
-    report = LinkReport(pixel_codes, _exact_bridges(pixel_codes, key_codes))
+    pixel_codes, blank = _pixel_sets(fp)
+    report = LinkReport(pixel_codes, _exact_bridges(pixel_codes, key_codes), blank=blank)
     comp = graph_components(n, [star_edges(key_codes), star_edges(pixel_codes)])
     reps = np.unique(pixel_codes, return_index=True)[1]  # one row per identical-pixel set
     ua, ub = near_dup_pairs(fp.phash[reps], hamming)
@@ -322,6 +341,12 @@ def log_links(
 ) -> None:
     """Log what the duplicate links did (distinct pairs), with example name pairs for every refused kind."""
     logger.info("near-dup: %d images are pixel-identical copies of another", report.exact_copies)
+    if len(report.blank):
+        shown = ", ".join(names[report.blank[:5]]) + (" ..." if len(report.blank) > 5 else "")
+        logger.warning(
+            "near-dup: %d near-blank image(s) (failed crops?) are linked to nothing, identical or not: %s",
+            len(report.blank), shown,
+        )  # fmt: skip
     if report.exact_bridges:  # a copy filed under two subjects: a leak fixed by merging, or a blank crop
         logger.warning(
             "near-dup: %d pixel-identical copies join two regex groups, which are merged (a copy under "

@@ -785,6 +785,11 @@ def test_near_dup_folds_are_rebuilt_when_an_image_is_replaced_under_its_name(tmp
     train image in another fold (names and labels unchanged) used to reuse the old folds, keeping
     the two copies in two folds."""
     data, work = make_data(tmp_path, names=[f"img{i}.png" for i in range(40)]), tmp_path / "w"
+    rng = np.random.default_rng(0)
+    for f in (data / "train").glob("*.png"):  # faces have texture: solid colours count as blank
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(f)
+    for f in (data / "validate").glob("*.png"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(f)
     df, first = ensure_folds(data, work, k=4, near_dup=True)
     fold = df.set_index("path").fold
     src = next(p for p in df.path[df.source == "train"] if df.label[df.path == p].item() == 1)
@@ -841,3 +846,22 @@ def test_identical_images_with_both_labels_are_warned_by_name(
     line = f"{index.name[real]} (0) = {index.name[fake]} (1)"
     assert any("1 set(s) of pixel-identical images carry both labels" in m and line in m for m in warned)
     assert df.fold[real] == df.fold[fake]
+
+
+def test_identical_blank_images_do_not_merge_subjects(
+    use_fingerprints, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Black crops (failed face detections) under six subjects are pixel-identical: joining them
+    merged the subjects (or made a group too large to fold, with advice that could not help)."""
+    index = synthetic_index(n=400)
+    keys = index.name.str.extract(r"(S\d+)")[0]
+    rows = [int(keys[keys == k].index[0]) for k in keys.unique()[:6]]
+    fp = fake_fingerprints(400)
+    for r in rows:
+        fp.pixels[r], fp.thumbs[r], fp.phash[r] = fp.pixels[rows[0]], 0, 0
+    use_fingerprints(fp)
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        df = make_folds(index, Path("."), group_regex=r"S\d+", near_dup=True)
+    assert df.group[rows].tolist() == keys[rows].tolist()  # each stays with its own subject
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("6 near-blank image(s) (failed crops?) are linked to nothing" in m for m in warned)
