@@ -542,6 +542,7 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     table = pd.DataFrame({"name": names, "prob": probs, "label": labels})
     for j, m in enumerate(fitted.oof.models):
         table[f"prob_{m.key}"] = T[:, j]
+    table["readable"] = ok.astype(int)  # 0: could not be decoded, its 0 probabilities are the fallback
     atomic_write_text(out_dir / "probs.csv", table.to_csv(index=False, float_format="%.8f"))
     record = json.dumps(run_record(opts, fitted, threshold), indent=2, default=str)
     atomic_write_text(out_dir / "ensemble.json", record + "\n")

@@ -583,8 +583,9 @@ def _plot_per_fold(path: Path, report: dict[str, Any]) -> None:
     for i, ((name, vals), color) in enumerate(zip(series.items(), colors, strict=True)):
         ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=name, color=color, alpha=0.85)
     nested = report["blend"]["nested"].get(report["blend"]["method"])
-    if nested:
-        ax.plot(x, nested["per_fold"], "rx", ms=9, mew=2, label="blend nested-CV")
+    if nested:  # over the blend's own bar, the last of each group
+        at = x - 0.4 + width * (len(series) - 0.5)
+        ax.plot(at, nested["per_fold"], "rx", ms=9, mew=2, label="blend nested-CV")
     values = [v for vals in series.values() for v in vals]
     ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03) + 1e-9)
     ax.set_xticks(x, [f"fold {f}" for f in folds])

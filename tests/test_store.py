@@ -448,6 +448,7 @@ def test_unreadable_test_image_is_named_or_gets_the_fallback_label(
     assert lines[2] == f"{test.name.iloc[2]} 0"
     probs = pd.read_csv(trained_copy / "submissions/demo/probs.csv")
     assert (probs.filter(like="prob").iloc[2] == 0).all()  # every model's noise on it is dropped
+    assert probs.readable.tolist() == [int(i != 2) for i in range(len(test))]  # and said why
     # what the models said on the blank image never reaches the threshold: change it, same threshold
     record = trained_copy / "submissions/demo/ensemble.json"
     threshold = json.loads(record.read_text())["threshold"]
