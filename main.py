@@ -189,7 +189,10 @@ def train(args: argparse.Namespace) -> int:
     ]
     test_only += ["--prediction_file"] if args.prediction_file != "prediction.txt" else []
     if test_only:
-        log.warning("train mode ignores the test-mode option(s) %s (add --mode test)", ", ".join(test_only))
+        hint = "; for training images: --set data.on_bad_image=skip" if args.on_bad_image else ""
+        log.warning(
+            "train mode ignores the test-mode option(s) %s (add --mode test%s)", ", ".join(test_only), hint
+        )
     devices = _check_devices_option(args)
     cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)

@@ -496,6 +496,7 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     """Each fold's calibrated models through the OOF-fitted blend -> the K fold pipelines' log-odds
     mean -> the tuned threshold -> ``submissions/<exp>/prediction.txt`` and ``probs.csv``."""
     from foldkit.calibrate import fold_average
+    from foldkit.report import method_label
 
     if not any(split == "test" for split, *_ in opts.stores):  # fit() ran without check_test
         open_test_images(opts, fitted.oof)
@@ -550,7 +551,7 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
         atomic_write_text(opts.prediction_file, text)
         print(f"copy: {opts.prediction_file}")
     summary = f"{len(labels)} rows, {labels.mean():.1%} fake, threshold {threshold:.4f}"
-    print(f"submission: {pred} ({summary}, {fitted.report['summary']['method']})")
+    print(f"submission: {pred} ({summary}, {method_label(fitted.report)})")
     return pred
 
 
@@ -661,7 +662,7 @@ def record_test_rate(
     oof_rate, gap = report["summary"].get("oof_positive_rate"), report["summary"]["rate_gap"]
     if oof_rate is not None and abs(test_rate - oof_rate) > gap:
         log.warning(
-            "the submission predicts %.1f%% fake, the OOF %.1f%% at its threshold (more than %.0f points "
+            "the submission predicts %.1f%% fake, the OOF %.1f%% at its threshold (more than %.1f points "
             "apart): the threshold may be misplaced on the fold-averaged test probabilities, or the test "
             "fake ratio differs; see %s",
             100 * test_rate, 100 * oof_rate, 100 * gap, out_dir / "report.md",

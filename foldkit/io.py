@@ -111,6 +111,7 @@ def listed(items: Sequence[str], limit: int = MAX_LISTED) -> list[str]:
 
 #: errno values of a file system without ``flock`` (Lustre mounted noflock, some FUSE mounts).
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_NO_FLOCK_SAID: list[str] = []
 
 
 def try_flock(fh: IO[Any], what: str) -> bool | None:
@@ -126,6 +127,9 @@ def try_flock(fh: IO[Any], what: str) -> bool | None:
     except OSError as exc:
         if exc.errno not in _NO_FLOCK:
             raise
+        if _NO_FLOCK_SAID:  # said once per process, not once per fold and store
+            return None
+        _NO_FLOCK_SAID.append(what)
         logging.getLogger("foldkit").warning(
             "%s: this file system has no file locking (%s): not locked", what, exc
         )

@@ -67,8 +67,10 @@ def graph_components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.n
 # --------------------------------------------------------------------------------------------------
 
 
-#: A grey 16x16 thumbnail with a standard deviation under this (of 0..255) is a blank image, not a face.
-BLANK_STD = 2.0
+#: A grey 16x16 thumbnail whose values span at most this many levels (of 0..255) is a blank image (a
+#: black or grey failed crop, JPEG noise and all: the box downscale averages the noise away), not a
+#: face: the synthetic faces darkened to a tenth of their brightness still span more.
+BLANK_RANGE = 3
 
 
 class Fingerprints(NamedTuple):
@@ -226,12 +228,16 @@ class LinkReport:
 
 
 def _pixel_sets(fp: Fingerprints) -> tuple[np.ndarray, np.ndarray]:
-    """Identical-pixel set of each row, and the rows of near-blank images (grey thumbnail std under
-    ``BLANK_STD``). Each blank image is a set of its own: identical black or grey crops (a failed face
-    detection) say nothing about identity, and joined they merged unrelated subjects into one group
-    (or one too large to fold). Their thumbnails are flat, so the pixel check never joins them either."""
+    """Identical-pixel set of each row, and the rows of near-blank images (grey thumbnail range at
+    most ``BLANK_RANGE``). Each blank image is a set of its own, and ``link_groups`` leaves them out of
+    the pHash search too: identical or near-identical black crops (failed face detections) say nothing
+    about identity, and joined they merged unrelated subjects into one group (or one too large)."""
     codes = pd.factorize(fp.pixels)[0]
-    blank = np.flatnonzero(fp.thumbs.std(axis=1) < BLANK_STD) if len(codes) else np.zeros(0, np.int64)
+    if len(codes):
+        span = fp.thumbs.max(axis=1).astype(np.int16) - fp.thumbs.min(axis=1).astype(np.int16)
+        blank = np.flatnonzero(span <= BLANK_RANGE)
+    else:
+        blank = np.zeros(0, np.int64)
     if len(blank) > 1:
         codes = codes.copy()
         codes[blank] = codes.max() + 1 + np.arange(len(blank))
@@ -311,6 +317,7 @@ def link_groups(
     report = LinkReport(pixel_codes, _exact_bridges(pixel_codes, key_codes), blank=blank)
     comp = graph_components(n, [star_edges(key_codes), star_edges(pixel_codes)])
     reps = np.unique(pixel_codes, return_index=True)[1]  # one row per identical-pixel set
+    reps = np.setdiff1d(reps, blank)  # a near-blank image is linked to nothing, fuzzily neither
     ua, ub = near_dup_pairs(fp.phash[reps], hamming)
     a, b = reps[ua], reps[ub]
     report.candidates = len(a)

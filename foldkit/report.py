@@ -345,7 +345,7 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
         lines.append(f"- Predicted fake rate: OOF {100 * rates[0]:.1f}% at {at}; submission {test}")
         gap = s.get("rate_gap", RATE_GAP)
         if rates[1] is not None and abs(rates[1] - rates[0]) > gap:
-            lines.append(f"- **Warning:** the two fake rates differ by more than {100 * gap:.0f} points")
+            lines.append(f"- **Warning:** the two fake rates differ by more than {100 * gap:.1f} points")
     return lines
 
 
@@ -763,12 +763,12 @@ def add_test_rate(
     except (OSError, ValueError) as exc:
         raise FoldkitError(f"{path}: cannot read the OOF report to add the test fake rate: {exc}") from exc
     report["summary"]["test_positive_rate"] = _plain(float(test_rate))
-    oof_rate = report["summary"].get("oof_positive_rate")
-    report["summary"]["rate_gap"] = rate_gap(oof_rate, n_test) if oof_rate is not None else RATE_GAP
     report["blend"]["test_positive_rate"] = _plain(float(test_rate))
     report["blend"]["test_threshold"] = float(threshold)
     for key, value in (extra or {}).items():
         report["summary"][key] = _plain(value)
+    oof_rate = report["summary"].get("oof_positive_rate")
+    report["summary"]["rate_gap"] = rate_gap(oof_rate, n_test) if oof_rate is not None else RATE_GAP
     atomic_write_text(path.with_name("report.md"), _render_markdown(report, out_dir))
     atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report

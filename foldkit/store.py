@@ -355,8 +355,12 @@ def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool | None]:
         return
     announced = False
     while True:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "a+", encoding="utf-8") as fh:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fh = open(folder / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+        except (FileNotFoundError, FileExistsError):  # a failed build removed the folder meanwhile
+            continue
+        with fh:
             held = try_flock(fh, f"image store {folder}")
             if held is None:  # a file system without flock: as without fcntl
                 yield None

@@ -827,7 +827,8 @@ def _warn_dropped(n_train: int, batch: int, label: str) -> None:
     """Say when the last partial batch, dropped every epoch (another one each epoch), is a large share
     of a small training split: 200 images at batch 128 train on 128 per epoch. Single process only
     (under torchrun ``_log_ddp`` says how the images are split)."""
-    dropped = n_train % batch if distributed.world_size() == 1 else 0
+    # a split smaller than one batch keeps its one partial batch (EpochBatchSampler)
+    dropped = n_train % batch if distributed.world_size() == 1 and n_train >= batch else 0
     if dropped > 0.1 * n_train:
         log.warning(
             "%s: batch %d leaves out %d of the %d training images every epoch (the last partial batch; "

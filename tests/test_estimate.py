@@ -224,7 +224,7 @@ def test_test_rate_is_recorded_and_a_gap_over_two_points_warns(tmp_path: Path, c
     saved = json.loads((out / "report.json").read_text())
     assert saved["summary"]["test_positive_rate"] == pytest.approx(0.45)
     md = (out / "report.md").read_text()
-    assert "OOF 40.0% at the submission's threshold; submission 45.0%" in md and "more than 2 points" in md
+    assert "OOF 40.0% at the submission's threshold; submission 45.0%" in md and "more than 2.0 points" in md
     assert "Threshold applied to the submission: 0.5000\n" in md  # no threshold_fit recorded: no reason
     info = json.loads((out / "report.json").read_text())
     info["blend"]["threshold_fit"] = "foldmean"
@@ -488,7 +488,7 @@ def test_the_fake_rate_gap_that_warns_grows_on_a_small_test_set(tmp_path: Path, 
     assert "differ by more than" not in (out / "report.md").read_text()
     with caplog.at_level(logging.WARNING, logger="foldkit"):
         record_test_rate(out, 0.45, 0.5, n_test=80_000)
-    assert any("more than 2 points apart" in r.getMessage() for r in caplog.records)
+    assert any("more than 2.0 points apart" in r.getMessage() for r in caplog.records)
 
 
 def test_a_capped_estimate_and_a_val_mode_estimate_say_so() -> None:
@@ -511,3 +511,13 @@ def test_a_weighted_blend_with_all_weight_on_one_model_is_named_so() -> None:
     assert estimate_line(report).endswith("0.9600 [caruana: all weight on a]")
     report["blend"]["weights"] = {"a": 0.7, "b": 0.3}
     assert method_label(report) == "caruana"
+
+
+def test_the_rate_gap_uses_the_oof_rate_the_warning_compares_with(tmp_path: Path, caplog) -> None:
+    """--mode test replaces the pooled OOF rate by the fold-mean one (extra): the gap must come from
+    the rate the warning compares the submission with, not the one replaced."""
+    out = _report(tmp_path, 0.957)
+    with caplog.at_level(logging.WARNING, logger="foldkit"):
+        report = record_test_rate(out, 0.40, 0.5, {"oof_positive_rate": 0.487}, n_test=90)
+    assert report["summary"]["rate_gap"] == pytest.approx(3 * (0.487 * 0.513 / 90) ** 0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # 8.7 points: under 15.8

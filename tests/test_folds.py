@@ -865,3 +865,20 @@ def test_identical_blank_images_do_not_merge_subjects(
     assert df.group[rows].tolist() == keys[rows].tolist()  # each stays with its own subject
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("6 near-blank image(s) (failed crops?) are linked to nothing" in m for m in warned)
+    assert not any("would bridge" in m for m in warned)
+
+
+def test_near_blank_images_are_not_linked_fuzzily_either(use_fingerprints) -> None:
+    """Dark crops that differ by a level here and there have other pixel hashes but the same pHash and
+    r = 1 thumbnails: they went through the pair search (quadratic in their number) and joined."""
+    index = synthetic_index(n=400)
+    index["name"] = [f"{i:032x}.png" for i in range(400)]  # md5-like: no regex keys
+    fp = fake_fingerprints(400)
+    rows = list(range(0, 60, 2))
+    for i, r in enumerate(rows):
+        fp.phash[r] = 0
+        fp.thumbs[r] = 1
+        fp.thumbs[r][: i % 3] = 3  # not perfectly flat, but within BLANK_RANGE
+    use_fingerprints(fp)
+    df = make_folds(index, Path("."), group_regex=None, near_dup=True)
+    assert df.group[rows].nunique() == len(rows)
