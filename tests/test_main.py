@@ -490,4 +490,4 @@ def test_train_mode_says_it_ignores_test_mode_options(tiny_data: Path, tmp_path:
     argv = ["--data-dir", str(tiny_data), "--work-dir", str(tmp_path), "--fold", "9", "--threshold", "0.3"]
     assert run(main.main, [*argv, "--on-bad-image", "skip"]) == 2  # fold 9: stops in preflight
     err = capsys.readouterr().err
-    assert "train mode ignores the test-mode option(s) --threshold, --on_bad_image (add --mode test)" in err
+    assert "ignores the test-mode option(s) --threshold, --on_bad_image (add --mode test; for training" in err
