@@ -77,7 +77,7 @@ def _add_blend(g: argparse._ArgumentGroup) -> None:
         type=float,
         default=None,
         help="blend auto: a more complex candidate replaces a simpler one only if its nested-CV gain "
-        "exceeds this many standard errors across folds (default: foldkit.select.NOISE_Z)",
+        "exceeds this many standard errors across folds (default: foldkit.select.NOISE_Z, 1.0)",
     )
     g.add_argument(
         "--select-by",

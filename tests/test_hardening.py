@@ -368,3 +368,14 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_warning(
     with _build_lock(tmp_path / "store") as held:
         assert held is None
     assert caplog.text.count("this file system has no file locking") == 1  # once per process
+
+
+def test_ensemble_help_states_the_values_of_its_code_defaults() -> None:
+    """--help names foldkit.select.NOISE_Z and foldkit.ensemble.THRESHOLD_FIT with their values; a
+    changed constant must change the help too."""
+    from foldkit.ensemble import THRESHOLD_FIT
+    from foldkit.select import NOISE_Z
+
+    text = " ".join(ensemble.build_parser().format_help().split())
+    assert f"foldkit.select.NOISE_Z, {NOISE_Z})" in text
+    assert f"foldkit.ensemble.THRESHOLD_FIT, {THRESHOLD_FIT})" in text
