@@ -353,12 +353,15 @@ def _build_lock(folder: Path, wait: bool = True) -> Iterator[bool | None]:
     except ImportError:
         yield None
         return
-    announced = False
+    announced, tries = False, 0
     while True:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fh = open(folder / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
-        except (FileNotFoundError, FileExistsError):  # a failed build removed the folder meanwhile
+        except (FileNotFoundError, FileExistsError) as exc:  # a failed build removed the folder meanwhile
+            tries += 1
+            if tries > 100:  # not a race: e.g. a file where the folder should be
+                raise FoldkitError(f"cannot use {folder} for the image store: {exc}") from exc
             continue
         with fh:
             held = try_flock(fh, f"image store {folder}")

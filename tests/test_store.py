@@ -821,3 +821,10 @@ def test_without_flock_only_an_old_temporary_file_is_taken_for_dead(
     monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl now raises ImportError
     ensure_store(data, tmp_path, index, "trainval")
     assert not dead.exists() and live.exists()
+
+
+def test_a_file_where_the_store_folder_should_be_is_an_error_not_a_hang(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store/trainval-32x32").write_text("not a folder")
+    with pytest.raises(FoldkitError, match=r"cannot use .*trainval-32x32 for the image store"):
+        ensure_store(data, tmp_path, read_trainval(data), "trainval")
