@@ -297,6 +297,11 @@ def weak_models_note(gain: float, threshold_fit: str | None) -> str:
     return WEAK_MODELS_NOTE.format(gain=gain, what=what, how=how)
 
 
+def _capped(s: dict[str, Any]) -> bool:
+    """Whether the test-mode estimate was capped at 1 (``foldkit.ensemble._test_threshold``)."""
+    return s["estimate_single_fold"] + s["fold_mean_gain"] > 1
+
+
 def _se(s: dict[str, Any]) -> str:
     """`` ± SE``: the outer loop's fold-to-fold standard error, when known (in test mode it is that of
     the outer-loop term; the fold-average gain is a model, not a sample)."""
@@ -320,7 +325,7 @@ def _md_estimate(s: dict[str, Any], b: dict[str, Any]) -> list[str]:
             f"- **Estimate** (of the submission's F1): {_fmt(s['estimate'])} = outer loop "
             f"{_fmt(s['estimate_single_fold'])}{_se(s)} + fold-average gain {s['fold_mean_gain']:+.4f} (the "
             "fold models' disagreement on the test images, removed by averaging them)"
-            + (", capped at 1" if s["estimate_single_fold"] + s["fold_mean_gain"] > 1 else ""),
+            + (", capped at 1" if _capped(s) else ""),
         ]
     else:
         lines = [
@@ -778,8 +783,8 @@ def estimate_line(report: dict[str, Any]) -> str:
     """The closing line of ensemble.py: the number to expect on the test set, and what it beats."""
     s = report["summary"]
     if s.get("estimate_single_fold") is not None:  # test mode: the submission's own estimate
-        capped = s["estimate_single_fold"] + s["fold_mean_gain"] > 1
-        how = "outer loop + fold-average gain" + (", capped at 1" if capped else "") + "; expect this test F1"
+        capped = ", capped at 1" if _capped(s) else ""
+        how = f"outer loop + fold-average gain{capped}; expect this test F1"
     else:  # val mode: the fold models are averaged on the test set only by --mode test
         how = "outer loop; --mode test adds the fold-average gain of the submission"
     line = f"estimate ({how}): {_fmt(s.get('estimate'))}{_se(s)} [{method_label(report)}]"
