@@ -9,10 +9,8 @@ threshold.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import os
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ import pandas as pd
 
 from foldkit import PROJECT_ROOT
 from foldkit.config import from_dict, load_config, to_dict
-from foldkit.data import read_test, read_trainval, warn_test_overlap
+from foldkit.data import files_hash, read_test, read_trainval, warn_test_overlap
 from foldkit.io import FoldkitError, atomic_write_text
 from foldkit.submission import label_file_names, submission_text
 
@@ -240,13 +238,11 @@ def _tag(tta: Sequence[str]) -> str:
 
 
 def _images_key(data_dir: Path, df: pd.DataFrame) -> str:
-    """Hash of the images' resolved paths, sizes and modification times: a test folder whose files
-    were replaced under the same names (a new public/private split) must not reuse old predictions."""
-    h = hashlib.sha256(str(Path(data_dir).resolve()).encode("utf-8"))
-    for name, rel in zip(df.name, df.path, strict=True):
-        st = os.stat(Path(data_dir) / rel)
-        h.update(f"\n{name}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    """``files_hash`` of the images (paths, sizes and modification times), salted with the resolved
+    data folder and the names in order: a test folder whose files were replaced under the same names
+    (a new public/private split) must not reuse old predictions."""
+    salt = str(Path(data_dir).resolve()) + "\n" + "\t".join(df.name) + "\n"  # names hold no whitespace
+    return files_hash(data_dir, df.path.tolist(), salt)
 
 
 def _read_key(path: Path) -> dict | None:
