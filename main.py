@@ -201,7 +201,7 @@ def train(args: argparse.Namespace) -> int:
 
     check_group_regex(index.name, cfg.data, args.work_dir, args.refold)  # before the store decodes
     from foldkit import distributed
-    from foldkit.train import finished_states, fit_fold, unfinished_states
+    from foldkit.train import fit_fold, fold_states
 
     exp = args.exp or Path(args.config).stem
     rank = distributed.env_rank()
@@ -211,12 +211,9 @@ def train(args: argparse.Namespace) -> int:
         guard_refold(args.work_dir, fold_settings(cfg.data), args.refold)
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
         if not args.force:
-            finished = finished_states(cfg, backbones, folds, meta["hash"], args.work_dir, exp)
             size = distributed.env_world_size()
-            unfinished = (
-                unfinished_states(cfg, backbones, folds, meta["hash"], args.work_dir, exp, size)
-                if args.resume
-                else {}
+            finished, unfinished = fold_states(
+                cfg, backbones, folds, meta["hash"], args.work_dir, exp, size, args.resume
             )
             refuse_changed_runs(finished, unfinished, args.work_dir, exp)
     if devices:
@@ -429,7 +426,7 @@ def test(args: argparse.Namespace) -> int:
     bad = test_df.path.isin(images.bad).to_numpy()
     if bad.any():
         labels[bad] = BAD_IMAGE_LABEL
-        shown = ", ".join(test_df.name[bad].head(5)) + (" ..." if bad.sum() > 5 else "")
+        shown = ", ".join(listed(test_df.name[bad].tolist(), 5))
         log.warning("%d unreadable test image(s) predicted %d (real): %s", bad.sum(), BAD_IMAGE_LABEL, shown)
     expected = label_file_names(args.data_dir)  # the label file itself, not the list predicted for
     out = write_submission(args.prediction_file, test_df.name.tolist(), labels, expected)

@@ -51,7 +51,7 @@ from foldkit import PROJECT_ROOT
 from foldkit.cli import add_path_args, add_set_arg, run, setup_logging
 from foldkit.config import MAX_HAMMING, DataConfig, load_config, parse_override
 from foldkit.data import INDEX_COLUMNS, files_hash, read_trainval, survey_images
-from foldkit.io import FoldkitError, atomic_write_text, read_json_artifact
+from foldkit.io import FoldkitError, atomic_write_text, listed, read_json_artifact
 from foldkit.neardup import (
     LinkReport,
     fingerprint_images,  # looked up here at call time: tests and the benchmark substitute it
@@ -414,12 +414,11 @@ def make_folds(
         len(sizes), len(df), int((sizes > 1).sum()), int(sizes.max(initial=0)),
     )  # fmt: skip
     check_groups(groups, df["name"].to_numpy(), k)
-    if groups.links is not None:
-        _warn_label_conflicts(df, groups.links.pixel_codes)
     df["group"] = pd.Series(groups.ids, dtype=str)
     df["fold"] = _assign_folds(df["label"].to_numpy(), groups.components, k, seed)
     _log_balance(df, k)
-    if groups.links is not None and groups.links.capped:
+    if groups.links is not None:
+        _warn_label_conflicts(df, groups.links.pixel_codes)
         _warn_split_copies(df, groups.links.capped)
     _check_both_labels(df, k)
     assert_no_leak(df)
@@ -433,11 +432,11 @@ def _warn_split_copies(df: pd.DataFrame, capped: list[tuple[int, int, float]]) -
     split = [(a, b, r) for a, b, r in capped if fold[a] != fold[b]]
     if split:
         apart = len({i for a, b, _ in split for i in (a, b)})
-        shown = "; ".join(f"{names[a]} ~ {names[b]} (folds {fold[a]} / {fold[b]})" for a, b, _ in split[:3])
+        pairs = [f"{names[a]} ~ {names[b]} (folds {fold[a]} / {fold[b]})" for a, b, _ in split]
         logger.warning(
             "near-dup: %d near-duplicate pairs refused by the size cap ended in different folds (%d images, "
-            "possible leaks): %s%s. A larger data.near_dup_max_group keeps such sets whole",
-            len(split), apart, shown, " ..." if len(split) > 3 else "",
+            "possible leaks): %s. A larger data.near_dup_max_group keeps such sets whole",
+            len(split), apart, "; ".join(listed(pairs, 3)),
         )  # fmt: skip
 
 
@@ -466,10 +465,10 @@ def _check_both_labels(df: pd.DataFrame, k: int) -> None:
     empty = [(fold, label) for fold in range(k) for label in (0, 1) if counts.loc[fold, label] == 0]
     if empty:
         what = {0: "real (0)", 1: "fake (1)"}
-        shown = ", ".join(f"fold {f} holds no {what[lab]} image" for f, lab in empty[:5])
+        shown = ", ".join(listed([f"fold {f} holds no {what[lab]} image" for f, lab in empty], 5))
         totals = f"{int((df.label == 0).sum())} real and {int((df.label == 1).sum())} fake images in all"
         raise FoldkitError(
-            f"{shown}{' ...' if len(empty) > 5 else ''} ({totals}, {k} folds): every fold needs both to "
+            f"{shown} ({totals}, {k} folds): every fold needs both to "
             "score a model and tune its threshold. Options: fewer folds (--k / --set data.k=N), or more "
             "images of the missing class (check the label files)"
         )

@@ -31,6 +31,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from foldkit.data import DataError, to_rgb
+from foldkit.io import listed
 
 logger = logging.getLogger("foldkit.neardup")
 #: Side of the grey thumbnail of the pixel check: 256 bytes an image (82 MB at 320,000 images). On the
@@ -349,10 +350,9 @@ def log_links(
     """Log what the duplicate links did (distinct pairs), with example name pairs for every refused kind."""
     logger.info("near-dup: %d images are pixel-identical copies of another", report.exact_copies)
     if len(report.blank):
-        shown = ", ".join(names[report.blank[:5]]) + (" ..." if len(report.blank) > 5 else "")
         logger.warning(
             "near-dup: %d near-blank image(s) (failed crops?) are linked to nothing, identical or not: %s",
-            len(report.blank), shown,
+            len(report.blank), ", ".join(listed(names[report.blank].tolist(), 5)),
         )  # fmt: skip
     if report.exact_bridges:  # a copy filed under two subjects: a leak fixed by merging, or a blank crop
         logger.warning(

@@ -46,7 +46,7 @@ from foldkit.data import read_trainval
 from foldkit.dataset import ImageDataset, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
 from foldkit.ema import CachedEma
-from foldkit.io import FoldkitError, atomic_path, atomic_write_text
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text, listed
 from foldkit.models import count_params, create_model, data_stats
 from foldkit.predict import (
     autocast,
@@ -558,25 +558,7 @@ class FoldTask:
         return f"{self.backbone} fold {self.fold}"
 
 
-def finished_states(
-    cfg: RunConfig, backbones: list[str], folds: list[int], folds_hash: str, work_dir: Path, exp: str
-) -> dict[tuple[str, int], list[str]]:
-    """(backbone, fold) -> the settings that differ from ``cfg``, for every finished fold of a run on
-    these folds (an empty list: finished and current, ``fit_fold`` skips it; else it refuses it).
-    Read once before anything trains: ``main.py`` refuses every conflict at once, so ``--fold all``
-    with a changed setting does not train the unfinished folds with it and then stop at a finished
-    one, and ``--devices`` leaves the finished jobs out instead of starting a process to say so."""
-    config, out = to_dict(cfg), {}
-    for fold in folds:
-        for backbone in backbones:
-            paths = RunPaths.of(work_dir, exp, backbone, fold)
-            done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
-            if done is not None and done.get("folds_hash") == folds_hash:
-                out[(backbone, fold)] = _changed_settings(done, config)
-    return out
-
-
-def unfinished_states(
+def fold_states(
     cfg: RunConfig,
     backbones: list[str],
     folds: list[int],
@@ -584,23 +566,33 @@ def unfinished_states(
     work_dir: Path,
     exp: str,
     world_size: int,
-) -> dict[tuple[str, int], list[str]]:
-    """(backbone, fold) -> why its unfinished run cannot be resumed with ``cfg``, for every fold that
-    is not finished and holds a ``last.pt`` with resume state (an empty list: it resumes). Read up
-    front like ``finished_states``, so ``--fold all`` does not train folds 0 and 1 with new settings
-    and then stop at fold 2's checkpoint of the old ones (``fit_fold`` refuses it again, to be sure).
-    The checkpoints are memory-mapped: only their small pickled part is read."""
-    config, out = to_dict(cfg), {}
+    resume: bool = True,
+) -> tuple[dict[tuple[str, int], list[str]], dict[tuple[str, int], list[str]]]:
+    """Two maps (backbone, fold) -> the settings that differ from ``cfg``: for every fold finished on
+    these folds (an empty list: current, ``fit_fold`` skips it; else it refuses it), and, with
+    ``resume``, for every unfinished one holding a ``last.pt`` with resume state (empty: it resumes).
+
+    Read once, before anything trains: ``main.py`` refuses every conflict at once, so ``--fold all``
+    with a changed setting does not train some folds with it and then stop at one made with the old
+    ones (``fit_fold`` refuses such a fold again, for direct callers), and ``--devices`` leaves the
+    finished jobs out instead of starting a process to say so. The checkpoints are memory-mapped:
+    only their small pickled part is read."""
+    config, finished, unfinished = to_dict(cfg), {}, {}
     for fold in folds:
         for backbone in backbones:
-            paths = RunPaths.of(work_dir, exp, backbone, fold)
+            key, paths = (backbone, fold), RunPaths.of(work_dir, exp, backbone, fold)
+            done = finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt")
+            if done is not None:  # finished on other folds: retrained by fit_fold, with a warning
+                if done.get("folds_hash") == folds_hash:
+                    finished[key] = _changed_settings(done, config)
+                continue
             last = paths.model_dir / "last.pt"
-            if not last.is_file() or finished_oof(paths.oof_csv, paths.oof_meta, paths.model_dir / "best.pt"):
+            if not (resume and last.is_file()):
                 continue
             ckpt = load_checkpoint(last, mmap=True)
             if is_resumable(ckpt):
-                out[(backbone, fold)] = resume_changes(ckpt, config, folds_hash, backbone, fold, world_size)
-    return out
+                unfinished[key] = resume_changes(ckpt, config, folds_hash, backbone, fold, world_size)
+    return finished, unfinished
 
 
 def _changed_settings(done: dict[str, Any], config: dict[str, Any]) -> list[str]:
@@ -798,9 +790,8 @@ def _drop_bad(
     names = [*train_df.name[drop_train], *val_df.name[drop_val]]
     if names:
         log.warning(
-            "%s: leaving out %d unreadable image(s) (%d train, %d validation): %s%s",
-            label, len(names), int(drop_train.sum()), int(drop_val.sum()), ", ".join(names[:5]),
-            " ..." if len(names) > 5 else "",
+            "%s: leaving out %d unreadable image(s) (%d train, %d validation): %s",
+            label, len(names), int(drop_train.sum()), int(drop_val.sum()), ", ".join(listed(names, 5)),
         )  # fmt: skip
     return train_df[~drop_train], val_df[~drop_val]
 
