@@ -70,7 +70,7 @@ def graph_components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.n
 
 #: A grey 16x16 thumbnail whose values span at most this many levels (of 0..255) is a blank image (a
 #: black or grey failed crop, JPEG noise and all: the box downscale averages the noise away), not a
-#: face: the synthetic faces darkened to a tenth of their brightness still span more.
+#: face: the synthetic faces darkened to a tenth of their brightness still span more (a test checks both).
 BLANK_RANGE = 3
 
 

@@ -882,3 +882,20 @@ def test_near_blank_images_are_not_linked_fuzzily_either(use_fingerprints) -> No
     use_fingerprints(fp)
     df = make_folds(index, Path("."), group_regex=None, near_dup=True)
     assert df.group[rows].nunique() == len(rows)
+
+
+def test_blank_means_a_failed_crop_not_a_dark_face(tiny_data: Path, tmp_path: Path) -> None:
+    """BLANK_RANGE: a black crop with JPEG noise is blank; a face darkened to a tenth is not."""
+    from foldkit.neardup import BLANK_RANGE, _fingerprint_one
+
+    def span(path: Path) -> int:
+        thumb = np.frombuffer(_fingerprint_one(str(path))[0][2], np.uint8).astype(int)
+        return int(thumb.max() - thumb.min())
+
+    noise = np.random.default_rng(0).normal(3, 2, (112, 112, 3)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "black.jpg", quality=75)
+    assert span(tmp_path / "black.jpg") <= BLANK_RANGE
+    for i, face in enumerate(sorted((tiny_data / "train").glob("*.png"))):
+        dark = (np.asarray(Image.open(face).convert("RGB")) * 0.1).round().astype(np.uint8)
+        Image.fromarray(dark).save(tmp_path / f"dark{i}.png")
+        assert span(tmp_path / f"dark{i}.png") > BLANK_RANGE, face.name
