@@ -3,17 +3,19 @@
 # about five minutes:
 #   bash benchmarks/gpu_profile.sh OUT_DIR
 # efficientnet_b0 at 112 px, batch 128 (bf16, channels_last: configs/default.yaml), STEPS batches per
-# epoch (40: reading a profile costs time per event, some 15,000 a step; summary's processing_s says
-# how long it took), epoch 2 of 3 profiled, then as many steps of the same trainer's bare step; four
-# runs, each in its own process:
+# epoch (20: reading a profile costs time per event, some 15,000 a step: 36 s for 40 b0 steps on an
+# H100; summary's processing_s says how long it took), epoch 2 of 3 profiled, then as many steps of the same trainer's bare step; up to
+# five runs, each in its own process, in this order (a run starts only with 45 s of the budget left):
 #   recipe   the default recipe (EMA, grad clipping, dropout, drop path), with chrome traces
-#   lean     the recipe's extras off
 #   cudagraphs  the recipe with train.compile=true, train.compile_mode=reduce-overhead (CUDA graphs)
-#   compile  the recipe with train.compile=true (default mode), when the time left allows it
+#   noaug    the recipe with every augmentation off: the workers nearly idle, so what it gains over
+#            recipe is what the workers' CPU load costs the main thread (or their throughput)
+#   lean     the recipe's extras off
+#   compile  the recipe with train.compile=true (default mode)
 # OUT_DIR gets few, small files (easy to copy off a rented box): summary_<run>.json per run, the
 # recipe's traces gzipped, and profiles.tar.gz with every run's folder (report.txt, host_ops*.txt,
 # summary.json, run.log). The reports are printed as each run ends.
-# Env: PYTHON (python3), BUDGET (seconds for the whole script, 280), STEPS (40), DATA (/tmp/syn: made like
+# Env: PYTHON (python3), BUDGET (seconds for the whole script, 280), STEPS (20), DATA (/tmp/syn: made like
 # benchmarks/gpu.sh when missing, reused when there), SCRATCH (/tmp/gpu-profile), EXTRA (more
 # profile_step.py options for every run; later options win, e.g. EXTRA="--main-thread-only").
 set -uo pipefail
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.." || exit 1  # the repository root, where profile_step.py 
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 py=${PYTHON:-python3}
 budget=${BUDGET:-280}
-steps=${STEPS:-40}
+steps=${STEPS:-20}
 data=${DATA:-/tmp/syn}
 scratch=${SCRATCH:-/tmp/gpu-profile}
 read -r -a extra <<<"${EXTRA:-}"
@@ -31,6 +33,7 @@ rm -rf "$scratch" && mkdir -p "$scratch"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 fi
+command -v lscpu >/dev/null && lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\))"
 $py -c "import os, torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cpus', os.cpu_count())"
 # the data of benchmarks/gpu.sh: 12,000 synthetic 112 px faces, 9,600 train images in fold 0 (75 batches)
 if [ ! -s "$data/train/train_label.txt" ]; then
@@ -64,9 +67,12 @@ profile() {
 }
 
 profile recipe --trace
+profile cudagraphs --set train.compile=true --set train.compile_mode=reduce-overhead
+profile noaug --set augment.hflip=0 --set augment.affine=0 --set augment.color=0 \
+  --set augment.to_gray=0 --set augment.blur=0 --set augment.downscale=0 --set augment.jpeg=0 \
+  --set augment.noise=0 --set augment.dropout=0
 profile lean --set train.ema=false --set train.grad_clip=null --set train.drop_rate=null \
   --set train.drop_path_rate=null
-profile cudagraphs --set train.compile=true --set train.compile_mode=reduce-overhead
 profile compile --set train.compile=true
 
 # pack: the traces gzipped (left in SCRATCH when over 16 MiB gzipped), the rest in one tarball
@@ -80,7 +86,7 @@ for trace in trace trace_bare; do
     echo "$trace: $((size / 1048576)) MiB gzipped, too large to bring back: left in $scratch"
   fi
 done
-runs=$(cd "$scratch" && ls -d recipe lean cudagraphs compile 2>/dev/null)
+runs=$(cd "$scratch" && ls -d recipe noaug lean cudagraphs compile 2>/dev/null)
 [ -n "$runs" ] && tar czf "$out/profiles.tar.gz" -C "$scratch" $runs
 ls -l "$out"
 echo "done in ${SECONDS} s"

@@ -6,9 +6,13 @@
     # GPU (one call, about five minutes): bare model step vs main.py's own loop, old vs new path
     python benchmarks/run.py --gpu --data-dir D --work-dir W [--old-tree PATH] [--out results.json]
 
-    # GPU: efficientnet_b0's loop with CUDA graphs (any main.py setting: --set, repeatable)
+    # GPU: efficientnet_b0's loop with CUDA graphs (any main.py setting: --set, repeatable), against
+    # the eager bare step and the bare step compiled alike (--bare-compile)
     python benchmarks/run.py --gpu --sweep-workers 16 --epochs 3 --data-dir D --work-dir W \
-        --set train.compile=true --set train.compile_mode=reduce-overhead
+        --bare-compile reduce-overhead --set train.compile=true --set train.compile_mode=reduce-overhead
+
+    # any device: the training data path alone (no model), with and without the augmentations
+    python benchmarks/run.py --loader --data-dir D --work-dir W --workers 16
 
 ``--quick`` prints ``store_vs_png=RATIO`` on its own line (the eval pipeline at the stored size, 112 px,
 batches ready for the model). ``--gpu`` runs, for ``tf_efficientnet_b3`` at 224 px and
@@ -135,11 +139,14 @@ def bare_step(
     ema_kind: str = "cached",
     steps: int = 30,
     warmup: int = 10,
+    compile_mode: str | None = None,
 ) -> dict[str, float]:
     """Images/s and peak memory of forward + backward + fused AdamW on GPU tensors (bf16,
     channels_last). ``extras``: any of configs/default.yaml's training extras, ``drop`` (dropout 0.3,
     drop path 0.2), ``clip`` (grad-norm clipping) and ``ema`` (weight EMA: ``ema_kind`` timm's
-    ``ModelEmaV3`` or foldkit's ``CachedEma``), so each one's cost can be told apart."""
+    ``ModelEmaV3`` or foldkit's ``CachedEma``), so each one's cost can be told apart. ``compile_mode``:
+    the model ``torch.compile``d in that mode, as ``train.compile`` does in main.py (the warm-up
+    steps compile it and, for reduce-overhead, record its CUDA graphs)."""
     import timm
     import timm.utils
 
@@ -149,6 +156,8 @@ def bare_step(
     model = timm.create_model(backbone, pretrained=False, num_classes=1, **drop).cuda()
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    # the forward compiled; the EMA and clipping see the module itself, as in main.py
+    net = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     ema_cls = CachedEma if ema_kind == "cached" else timm.utils.ModelEmaV3
     ema = ema_cls(model, decay=0.9995, use_warmup=True) if "ema" in extras else None
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -161,7 +170,7 @@ def bare_step(
             torch.cuda.synchronize()
             start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model(x).float().reshape(-1), y)
+            loss = loss_fn(net(x).float().reshape(-1), y)
         loss.backward()
         if "clip" in extras:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,7 +181,7 @@ def bare_step(
     torch.cuda.synchronize()
     rate = steps * batch / (time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, x, ema
+    del model, net, opt, x, ema
     torch.cuda.empty_cache()
     return {"img_s": round(rate, 1), "peak_gib": round(peak, 2)}
 
@@ -266,6 +275,37 @@ def pair_on_one_gpu(args: argparse.Namespace, backbone: str, size: int, single: 
     return out
 
 
+def loader_alone(args: argparse.Namespace, workers: int, augment: bool = True) -> dict[str, float]:
+    """Images/s of main.py's training data path without a model: the store, the default recipe's
+    CPU augmentations in ``workers`` workers, uint8 batches pinned and copied, normalised on the
+    device at 112 px, channels_last (``foldkit.train._loaders``' parts, as efficientnet_b0 at 112 px
+    trains on the 112 px store). The most a training loop can take in; with
+    ``augment=False`` the same path with the workers only copying rows."""
+    from foldkit.augment import train_transform
+    from foldkit.config import AugmentConfig
+    from foldkit.dataset import ImageDataset, make_loader
+    from foldkit.device_transforms import DeviceLoader, DeviceTransform
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    index = read_trainval(args.data_dir)
+    store = ensure_store(args.data_dir, args.work_dir, index, "trainval", workers=workers or None)
+    transform = train_transform(AugmentConfig(), 0) if augment else None
+    ds = ImageDataset(store.source(index.path.tolist()), index.label, transform)
+    loader = make_loader(ds, args.batch, True, workers, 0, device.type == "cuda", True, 4)
+    batches = DeviceLoader(loader, DeviceTransform(112, MEAN, STD, device, True), device)
+    n = min(len(batches), args.loader_batches)
+    for epoch in (0, 1):  # the first pass starts the workers and warms the caches
+        loader.batch_sampler.set_epoch(epoch, 0)
+        start = time.perf_counter()
+        for i, _ in enumerate(batches, start=1):
+            if i == n:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = (n - 1) * args.batch / (time.perf_counter() - start)  # n - 1: the first waits for them
+    return {"img_s": round(rate, 1), "workers": workers, "augment": augment, "batches": n}
+
+
 def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """efficientnet_b0 at 112 px (a host-bound step on a fast GPU): main.py's loop with several
     DataLoader worker counts, ``--epochs`` each, against the bare step measured in the same call."""
@@ -275,10 +315,18 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
     for name, extras in (("bare", frozenset()), ("bare+recipe", RECIPE)):
         out[name] = bare_step(backbone, size, args.batch, extras)
         print(name, out[name], flush=True)
+    if args.bare_compile is not None:  # the ceiling of a compiled loop: the bare step compiled alike
+        out["bare compiled"] = bare_step(backbone, size, args.batch, compile_mode=args.bare_compile)
+        print("bare compiled", args.bare_compile, out["bare compiled"], flush=True)
+        _save(out, args.out)
     for workers in args.sweep_workers:
+        out[f"loader alone {workers}"] = loader_alone(args, workers)
+        print("loader alone", out[f"loader alone {workers}"], flush=True)
         extra = ["--workers", str(workers), "--epochs", str(args.epochs)]
         run = main_py_run(ROOT, args, backbone, size, f"sweep{workers}-{backbone}", extra)
         out[f"workers {workers}"] = _ratios(run, out["bare"]["img_s"], out["bare+recipe"]["img_s"])
+        if args.bare_compile is not None and "epoch2_img_s" in run:
+            run["of_compiled_ceiling"] = round(run["epoch2_img_s"] / out["bare compiled"]["img_s"], 3)
         print("workers", workers, out[f"workers {workers}"], flush=True)
         _save(out, args.out)
     return out
@@ -336,12 +384,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="CPU: eval pipeline, old PNG path vs store + uint8"
     )
     mode.add_argument("--gpu", action="store_true", help="GPU: bare step vs main.py's loop, old vs new")
+    mode.add_argument(
+        "--loader",
+        action="store_true",
+        help="any device: the training data path alone (store, augmentations, device transform), "
+        "with and without the augmentations, at --workers",
+    )
     p.add_argument(
         "--data-dir", type=Path, required=True, help="data in the seed's layout (foldkit.synthetic)"
     )
     p.add_argument("--work-dir", type=Path, required=True, help="scratch folder for stores and runs")
     p.add_argument("--n", type=int, default=3000, help="--quick: images to read")
-    p.add_argument("--workers", type=int, default=0, help="--quick: DataLoader workers for both paths")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="--quick: DataLoader workers for both paths; --loader: its workers",
+    )
+    p.add_argument(
+        "--loader-batches",
+        type=int,
+        default=60,
+        help="--loader, --sweep-workers: batches the loader alone is timed on",
+    )
     p.add_argument("--batch", type=int, default=128, help="--gpu: batch size")
     p.add_argument("--old-tree", type=Path, default=None, help="--gpu: a checkout of the pre-store code")
     p.add_argument(
@@ -351,6 +416,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--gpu: instead of the full set, efficientnet_b0's main.py loop at these worker counts",
     )
     p.add_argument("--epochs", type=int, default=3, help="--sweep-workers: epochs per run")
+    p.add_argument(
+        "--bare-compile",
+        default=None,
+        metavar="MODE",
+        help="--sweep-workers: also the bare step torch.compile'd in MODE (reduce-overhead: CUDA graphs), "
+        "the ceiling to hold a loop run with --set train.compile=true against",
+    )
     p.add_argument(
         "--pair",
         action=argparse.BooleanOptionalAction,
@@ -377,7 +449,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = quick(args) if args.quick else worker_sweep(args) if args.sweep_workers else gpu(args)
+    if args.quick:
+        result = quick(args)
+    elif args.loader:
+        result = {f"augment {a}": loader_alone(args, args.workers, a) for a in (True, False)}
+        for name, r in result.items():
+            print(f"loader alone, {name}: {r['img_s']:.0f} img/s from {r['workers']} workers", flush=True)
+    else:
+        result = worker_sweep(args) if args.sweep_workers else gpu(args)
     _save(result, args.out)
     print(json.dumps(result, indent=2))
     return 0

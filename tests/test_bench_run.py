@@ -1,0 +1,65 @@
+"""benchmarks/run.py's bookkeeping: the data path alone, and the ratios a GPU sweep reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_run", None)
+
+
+def test_loader_alone_times_the_training_data_path(bench, tiny_data: Path, tmp_path: Path) -> None:
+    """--loader on the CPU: store, augmentations, device transform; both variants report a rate."""
+    args = bench.parse_args(
+        ["--loader", "--data-dir", str(tiny_data), "--work-dir", str(tmp_path), "--batch", "8",
+         "--loader-batches", "3", "--out", str(tmp_path / "loader.json")]
+    )  # fmt: skip
+    for augment in (True, False):
+        result = bench.loader_alone(args, 0, augment)
+        assert result["batches"] == 3 and result["augment"] is augment
+        assert result["img_s"] > 0
+    assert (tmp_path / "store").is_dir()  # the store main.py would read, built once
+
+
+def test_worker_sweep_holds_the_loop_against_both_ceilings(bench, monkeypatch, tmp_path: Path) -> None:
+    """A compiled loop is reported against the eager bare step and against the bare step compiled
+    alike (--bare-compile): the second is the fair ceiling for a CUDA-graph loop."""
+    modes = []
+
+    def bare(backbone, size, batch, extras=frozenset(), ema_kind="cached", compile_mode=None, **_):
+        modes.append(compile_mode)
+        return {"img_s": 16000.0 if compile_mode else (4000.0 if not extras else 3200.0), "peak_gib": 1.0}
+
+    def loop(tree, args, backbone, size, tag, extra):
+        return {"epoch1_img_s": 8400.0, "epoch2_img_s": 8000.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "bare_step", bare)
+    monkeypatch.setattr(bench, "main_py_run", loop)
+    monkeypatch.setattr(bench, "loader_alone", lambda args, workers, augment=True: {"img_s": 9000.0})
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *_: "test card")
+    out_file = tmp_path / "sweep.json"
+    args = bench.parse_args(
+        ["--gpu", "--sweep-workers", "16", "--bare-compile", "reduce-overhead", "--data-dir", "D",
+         "--work-dir", str(tmp_path), "--out", str(out_file), "--set", "train.compile=true"]
+    )  # fmt: skip
+    out = bench.worker_sweep(args)
+    assert modes == [None, None, "reduce-overhead"]
+    run = out["workers 16"]
+    assert run["of_ceiling"] == 2.0 and run["of_recipe_ceiling"] == 2.5
+    assert run["of_compiled_ceiling"] == 0.5
+    assert out["loader alone 16"]["img_s"] == 9000.0
+    assert json.loads(out_file.read_text())["workers 16"]["of_compiled_ceiling"] == 0.5  # saved per run
