@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# efficientnet_b0 at 112 px (the host-bound case of the data-path issue) in one GPU call of about five
-# minutes:
+# efficientnet_b0 at 112 px (the host-bound case of the data-path issue) in one GPU call of about nine
+# minutes (carry the wheels the device lacks; give the call 600 s):
 #   bash benchmarks/gpu_b0.sh OUT_DIR
 # 1. the training data path alone (store, the default recipe's augmentations in one worker per core,
 #    pinned uint8 batches, device transform; no model), with and without the augmentations: the
 #    most any loop can take in (run.py --loader);
 # 2. main.py's loop with CUDA graphs (train.compile=true, compile_mode=reduce-overhead) against the
 #    eager bare step and against the bare step compiled alike, the fair ceiling of a graphed loop
-#    (run.py --gpu --sweep-workers N --bare-compile reduce-overhead);
-# 3. main.py's eager loop (the default) against the eager bare step, in the same call.
-# Each run.py call also times the loader alone again, so every ratio has its ceilings beside it.
-# OUT_DIR gets loader.json, graphs.json and eager.json. Env: PYTHON (python3), DATA (/tmp/syn: the
-# 12,000 synthetic faces of benchmarks/gpu.sh, made when missing), WORK (/tmp/gpu-b0).
+#    (run.py --gpu --sweep-workers N --bare-compile reduce-overhead, at most 300 s: the two compiles
+#    take over a minute each; it also times the loader alone again, beside the ratios);
+# 3. A/B runs of the eager loop, each against its own trainer's bare step (profile_step.py
+#    --no-profile, STEPS batches per epoch, 3 epochs): as it is; without pinned memory (no pin-memory
+#    thread); with a 1 ms GIL switch interval; with half the workers; without augmentations. While
+#    BUDGET seconds (540, counted from the start) allow: a run starts only with 60 s left.
+# OUT_DIR gets loader.json, graphs.json and ab_<run>.json. Env: PYTHON (python3), DATA (/tmp/syn: the
+# 12,000 synthetic faces of benchmarks/gpu.sh, made when missing), WORK (/tmp/gpu-b0), STEPS (40).
 set -uo pipefail
 mkdir -p "${1:?usage: benchmarks/gpu_b0.sh OUT_DIR}"
 out=$(cd "$1" && pwd)
@@ -20,6 +23,8 @@ export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 py=${PYTHON:-python3}
 data=${DATA:-/tmp/syn}
 work=${WORK:-/tmp/gpu-b0}
+steps=${STEPS:-40}
+budget=${BUDGET:-540}
 cores=$(nproc)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 command -v lscpu >/dev/null && lscpu | grep -E "^(Model name|Thread|Core|CPU\(s\))"
@@ -32,10 +37,31 @@ echo "== loader alone (at ${SECONDS} s)"
 $py benchmarks/run.py --loader --data-dir "$data" --work-dir "$work/loader" --workers "$cores" \
   --out "$out/loader.json" 2>&1 | quiet
 echo "== CUDA graphs (at ${SECONDS} s)"
-$py benchmarks/run.py --gpu --sweep-workers "$cores" --epochs 3 --bare-compile reduce-overhead \
+timeout -k 10 300 $py benchmarks/run.py --gpu --sweep-workers "$cores" --epochs 3 --bare-compile reduce-overhead \
   --data-dir "$data" --work-dir "$work/graphs" --out "$out/graphs.json" \
   --set train.compile=true --set train.compile_mode=reduce-overhead 2>&1 | quiet
-echo "== eager (at ${SECONDS} s)"
-$py benchmarks/run.py --gpu --sweep-workers "$cores" --epochs 3 --data-dir "$data" \
-  --work-dir "$work/eager" --out "$out/eager.json" 2>&1 | quiet
+ab() {  # ab NAME [profile_step.py options...]: one eager A/B run, within what is left of $budget
+  local name=$1 left=$((budget - SECONDS))
+  shift
+  if [ "$left" -lt 60 ]; then
+    echo "== $name: skipped, ${left} s left of the ${budget} s budget"
+    return
+  fi
+  echo "== A/B $name (at ${SECONDS} s)"
+  timeout -k 10 "$left" $py benchmarks/profile_step.py --data-dir "$data" --work-dir "$work/ab" \
+    --out "$work/ab_$name" --steps "$steps" --epochs 3 --no-profile "$@" >"$work/ab_$name.log" 2>&1
+  if [ -f "$work/ab_$name/summary.json" ]; then
+    cp "$work/ab_$name/summary.json" "$out/ab_$name.json"
+    grep -E "^wall ms" "$work/ab_$name/report.txt"
+  else
+    grep -v "it/s" "$work/ab_$name.log" | tail -n 15
+  fi
+}
+ab default
+ab nopin --no-pin
+ab switch1ms --switch-interval 0.001
+ab half_workers --set "data.workers=$((cores / 2))"
+ab noaug --set augment.hflip=0 --set augment.affine=0 --set augment.color=0 --set augment.to_gray=0 \
+  --set augment.blur=0 --set augment.downscale=0 --set augment.jpeg=0 --set augment.noise=0 \
+  --set augment.dropout=0
 echo "done in ${SECONDS} s"

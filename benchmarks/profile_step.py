@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import multiprocessing
 import os
@@ -65,6 +66,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+import foldkit.predict  # noqa: E402
 import foldkit.train as ft  # noqa: E402
 from foldkit.cli import run  # noqa: E402
 from foldkit.device_transforms import DeviceLoader  # noqa: E402
@@ -390,11 +392,12 @@ def _bare_step(trainer: ft._Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def bare_steps(
-    trainer: ft._Trainer, steps: int, warmup: int, all_threads: bool = True
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    trainer: ft._Trainer, steps: int, warmup: int, all_threads: bool = True, profiling: bool = True
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The run's own trainer on one fixed random batch: ``warmup`` steps, ``steps`` unprofiled, then
-    ``steps`` profiled; returns (unprofiled timing, profiled figures). Weights, EMA, optimizer, step
-    count, schedule and RNG streams are restored after, so the run goes on as if this had not run."""
+    (with ``profiling``) ``steps`` profiled; returns (unprofiled timing, profiled figures or None).
+    Weights, EMA, optimizer, step count, schedule and RNG streams are restored after, so the run goes
+    on as if this had not run."""
     cfg, device = trainer.cfg, trainer.device
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     batch, size = cfg.train.batch_size, cfg.data.img_size
@@ -409,6 +412,8 @@ def bare_steps(
             with clock(device, steps, batch) as plain:
                 for _ in range(steps):
                     _bare_step(trainer, x, y)
+            if not profiling:
+                return plain, None
             with profiled(device, all_threads) as prof, clock(device, steps, batch) as timing:
                 for _ in range(steps):
                     _bare_step(trainer, x, y)
@@ -448,10 +453,13 @@ class EpochProbe:
         """The original epoch, timed; profiled (then the bare step measured) when it is the one asked for."""
         tc, device, epoch = trainer.cfg.train, trainer.device, progress.epoch
         steps = min(len(loader), tc.max_train_batches or len(loader)) - progress.batch
-        if epoch != self.args.profile_epoch:
+        if epoch != self.args.profile_epoch or self.args.no_profile:
             with clock(device, steps, tc.batch_size) as timing:
                 result = self.original(trainer, loader, progress, *rest, **kw)
             self.epochs.append({"epoch": epoch, "profiled": False, **timing})
+            if epoch == self.args.profile_epoch:  # --no-profile: the bare step unprofiled only
+                self.bare_unprofiled, _ = bare_steps(trainer, steps, self.args.warmup, profiling=False)
+                self.write()
             return result
         all_threads = not self.args.main_thread_only
         with profiled(device, all_threads) as prof, clock(device, steps, tc.batch_size) as timing:
@@ -544,6 +552,9 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "profile_epoch": args.profile_epoch,
         "sets": args.sets,
         "bar": args.bar,
+        "profiled": not args.no_profile,
+        "pinned": not args.no_pin,
+        "switch_interval": args.switch_interval or sys.getswitchinterval(),
         "all_threads": not args.main_thread_only,
         "main_argv": main_argv(args),
     }
@@ -559,10 +570,14 @@ def report(summary: dict[str, Any]) -> str:
     env, pairs, loop = summary["environment"], summary["side_by_side"], summary["loop"] or {}
     lines = [
         f"{env['backbone']} {env['img_size']} px, batch {env['batch']}, {env['device']}, "
-        f"torch {env['torch']}, {env['cpus']} cpus, sets {env['sets'] or 'none'}",
-        f"{'per step (epoch ' + str(env['profile_epoch']) + ' profiled)':36} "
-        f"{'bare':>10} {'loop':>10} {'loop-bare':>10}",
+        f"torch {env['torch']}, {env['cpus']} cpus, sets {env['sets'] or 'none'}, "
+        f"pinned {env.get('pinned', True)}, switch interval {env.get('switch_interval')}",
     ]
+    if env.get("profiled", True):
+        lines.append(
+            f"{'per step (epoch ' + str(env['profile_epoch']) + ' profiled)':36} "
+            f"{'bare':>10} {'loop':>10} {'loop-bare':>10}"
+        )
     for key, v in pairs.items():
         diff = v.get("loop_minus_bare")
         lines.append(f"{key:36} {_fmt(v['bare']):>10} {_fmt(v['loop']):>10} {_fmt(diff):>10}")
@@ -572,6 +587,8 @@ def report(summary: dict[str, Any]) -> str:
         for e in summary["epochs"]
     ]
     lines.append("wall ms per step: " + ", ".join(walls))
+    if not env.get("profiled", True):
+        return "\n".join(lines)
     tops = [
         f"{t['op']} {t['ms_per_step']:.3f} ({t['calls_per_step']:g})" for t in loop.get("top_self_cpu", [])
     ]
@@ -600,6 +617,21 @@ def main_argv(args: argparse.Namespace) -> list[str]:
         "--img-size", str(args.img_size), "--batch", str(args.batch), "--device", args.device,
         "--no-resume", "--force", *[x for s in sets for x in ("--set", s)],
     ]  # fmt: skip
+
+
+def _unpinned(make_loader: Callable[..., Any]) -> Callable[..., Any]:
+    """``foldkit.dataset.make_loader`` with ``pin`` off (``--no-pin``): no pin-memory thread; the
+    DeviceLoader's non_blocking copy then reads the workers' pageable shared memory (CUDA stages it,
+    the host waits for that part)."""
+    signature = inspect.signature(make_loader)
+
+    @functools.wraps(make_loader)
+    def unpinned(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["pin"] = False
+        return make_loader(*bound.args, **bound.kwargs)
+
+    return unpinned
 
 
 def _bar_on(*args: Any, **kwargs: Any) -> Any:
@@ -646,6 +678,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="record only this thread's ops (should the all-threads profiler misbehave)",
     )  # fmt: skip
     p.add_argument("--bar", action="store_true", help="force main.py's tqdm bar on (a terminal's run)")
+    p.add_argument(
+        "--no-profile", action="store_true",
+        help="time every epoch and the bare step without the profiler (quick A/B runs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-pin", action="store_true",
+        help="loaders without pinned memory (no pin-memory thread): an A/B of the batch hand-over",
+    )  # fmt: skip
+    p.add_argument(
+        "--switch-interval", type=float, default=None, metavar="S",
+        help="sys.setswitchinterval(S) for the run (Python's default 0.005): how long a thread that "
+        "wants the GIL (the pin-memory thread) may wait for the one launching kernels",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if not 1 <= args.profile_epoch <= args.epochs:
         p.error(f"--profile-epoch {args.profile_epoch}: expected 1..--epochs ({args.epochs})")
@@ -663,11 +708,17 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(mock.patch.object(ft._Trainer, "train_epoch", probe.method()))
         if args.bar:
             stack.enter_context(mock.patch.object(ft, "tqdm", _bar_on))
+        if args.no_pin:  # every loader unpinned: the copy goes from the workers' shared memory
+            for module in (ft, foldkit.predict):
+                stack.enter_context(mock.patch.object(module, "make_loader", _unpinned(module.make_loader)))
+        if args.switch_interval is not None:
+            stack.callback(sys.setswitchinterval, sys.getswitchinterval())
+            sys.setswitchinterval(args.switch_interval)
         status = run(main_py.main, main_argv(args))
     if status != 0:
         print(f"main.py ended with exit status {status}", file=sys.stderr)
         return status
-    if probe.loop is None:
+    if (probe.bare_unprofiled if args.no_profile else probe.loop) is None:
         print(f"epoch {args.profile_epoch} was never trained (early stop?)", file=sys.stderr)
         return 1
     print(probe.write())  # again, with the epochs after the profiled one

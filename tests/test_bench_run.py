@@ -63,3 +63,20 @@ def test_worker_sweep_holds_the_loop_against_both_ceilings(bench, monkeypatch, t
     assert run["of_compiled_ceiling"] == 0.5
     assert out["loader alone 16"]["img_s"] == 9000.0
     assert json.loads(out_file.read_text())["workers 16"]["of_compiled_ceiling"] == 0.5  # saved per run
+
+
+def test_no_pin_turns_pinning_off_however_it_is_passed() -> None:
+    """profile_step.py --no-pin: foldkit's loaders pass ``pin`` positionally (train) and may pass it
+    by name; either way the loader is made unpinned, every other argument untouched."""
+    spec = importlib.util.spec_from_file_location("bench_profile", ROOT / "benchmarks" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = []
+
+    def make_loader(dataset, size, shuffle, workers, seed, pin=False, drop_last=False, prefetch_factor=4):
+        seen.append((dataset, size, shuffle, workers, seed, pin, drop_last, prefetch_factor))
+
+    unpinned = module._unpinned(make_loader)
+    unpinned("ds", 8, True, 2, 7, True, True, 3)
+    unpinned("ds", 8, False, 2, 0, pin=True, prefetch_factor=5)
+    assert seen == [("ds", 8, True, 2, 7, False, True, 3), ("ds", 8, False, 2, 0, False, False, 5)]
