@@ -36,7 +36,6 @@ import json
 import logging
 import multiprocessing
 import os
-import resource
 import shutil
 import sys
 import time
@@ -714,6 +713,10 @@ def _main(argv: Sequence[str] | None) -> int:
             f"{split}: {n} images at {h}x{w}, {gib:.2f} GiB, {n / max(seconds, 1e-9):.0f} images/s "
             f"({seconds:.1f} s), bad {len(store.bad)}: {store.path}"
         )
+    try:
+        import resource  # Unix only: on Windows the store still builds, without this line
+    except ImportError:
+        return 0
     peak = max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,

@@ -168,6 +168,17 @@ def test_cli_builds_every_split_and_reports(
     out = capsys.readouterr().out
     assert "trainval: 40 images at 40x40" in out and "test: 12 images at 40x40" in out
     assert "images/s" in out and "GiB" in out and str(tmp_path / "store/test-40x40") in out
+    assert "peak memory of one process" in out
+
+
+def test_cli_builds_without_the_unix_only_resource_module(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no ``resource``: the store command still builds, only the peak-memory line goes."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # what a missing module looks like to import
+    assert main(["--data-dir", str(data), "--work-dir", str(tmp_path), "--img-size", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "trainval: 40 images at 40x40" in out and "peak memory" not in out
     assert len(read_test(data)) == 12
 
 
