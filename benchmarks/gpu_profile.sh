@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_profile.sh OUT_DIR
 # efficientnet_b0 at 112 px, batch 128 (bf16, channels_last: configs/default.yaml), STEPS batches per
 # epoch (20: reading a profile costs time per event, some 15,000 a step: 36 s for 40 b0 steps on an
-# H100; summary's processing_s says how long it took), epoch 2 of 3 profiled, then as many steps of the same trainer's bare step; up to
-# five runs, each in its own process, in this order (a run starts only with 45 s of the budget left):
+# H100; summary's processing_s says how long it took), epoch 2 of 3 profiled, then as many steps of
+# the same trainer's bare step; up to five runs, each in its own process, in this order (a run starts
+# only with 45 s of the budget left):
 #   recipe   the default recipe (EMA, grad clipping, dropout, drop path), with chrome traces
 #   cudagraphs  the recipe with train.compile=true, train.compile_mode=reduce-overhead (CUDA graphs)
 #   noaug    the recipe with every augmentation off: the workers nearly idle, so what it gains over

@@ -553,7 +553,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "sets": args.sets,
         "bar": args.bar,
         "profiled": not args.no_profile,
-        "pinned": not args.no_pin,
+        "pinned": device.type == "cuda" and not args.no_pin,  # loaders pin on CUDA only
         "switch_interval": args.switch_interval or sys.getswitchinterval(),
         "all_threads": not args.main_thread_only,
         "main_argv": main_argv(args),

@@ -275,35 +275,47 @@ def pair_on_one_gpu(args: argparse.Namespace, backbone: str, size: int, single: 
     return out
 
 
-def loader_alone(args: argparse.Namespace, workers: int, augment: bool = True) -> dict[str, float]:
-    """Images/s of main.py's training data path without a model: the store, the default recipe's
-    CPU augmentations in ``workers`` workers, uint8 batches pinned and copied, normalised on the
-    device at 112 px, channels_last (``foldkit.train._loaders``' parts, as efficientnet_b0 at 112 px
-    trains on the 112 px store). The most a training loop can take in; with
-    ``augment=False`` the same path with the workers only copying rows."""
+def loader_alone(args: argparse.Namespace, workers: int, augment: bool = True) -> dict[str, Any]:
+    """Images/s of main.py's training data path without a model: the store, configs/default.yaml's
+    CPU augmentations (with ``--set`` applied) in ``workers`` workers, uint8 batches pinned on CUDA
+    and copied, normalised on the device at the store's size, channels_last (``foldkit.train._loaders``'
+    parts). The most a training loop can take in; ``augment=False``: the workers only copy rows.
+
+    Steady state only: the first ``workers * (prefetch_factor + 1)`` batches (the start-up burst of
+    batches prepared in parallel) are taken untimed, then ``--loader-batches`` are timed from there;
+    the images are repeated as needed so that one pass holds both (no epoch reset in the window)."""
     from foldkit.augment import train_transform
-    from foldkit.config import AugmentConfig
+    from foldkit.config import load_config, parse_override
     from foldkit.dataset import ImageDataset, make_loader
     from foldkit.device_transforms import DeviceLoader, DeviceTransform
 
+    cfg = load_config(ROOT / "configs" / "default.yaml", [parse_override(o) for o in args.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     index = read_trainval(args.data_dir)
     store = ensure_store(args.data_dir, args.work_dir, index, "trainval", workers=workers or None)
-    transform = train_transform(AugmentConfig(), 0) if augment else None
-    ds = ImageDataset(store.source(index.path.tolist()), index.label, transform)
-    loader = make_loader(ds, args.batch, True, workers, 0, device.type == "cuda", True, 4)
-    batches = DeviceLoader(loader, DeviceTransform(112, MEAN, STD, device, True), device)
-    n = min(len(batches), args.loader_batches)
-    for epoch in (0, 1):  # the first pass starts the workers and warms the caches
-        loader.batch_sampler.set_epoch(epoch, 0)
-        start = time.perf_counter()
-        for i, _ in enumerate(batches, start=1):
-            if i == n:
-                break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rate = (n - 1) * args.batch / (time.perf_counter() - start)  # n - 1: the first waits for them
+    prefetch = cfg.data.prefetch_factor
+    skip, n = workers * (prefetch + 1) + 1, max(2, args.loader_batches)
+    reps = -(-(skip + n + 1) * args.batch // len(index))  # ceil: one pass covers skip + n batches
+    paths, labels = index.path.tolist() * reps, index.label.tolist() * reps
+    transform = train_transform(cfg.augment, 0) if augment else None
+    ds = ImageDataset(store.source(paths), labels, transform)
+    loader = make_loader(ds, args.batch, True, workers, 0, device.type == "cuda", True, prefetch)
+    batches = iter(DeviceLoader(loader, DeviceTransform(store.size[0], MEAN, STD, device, True), device))
+    for _ in range(skip):
+        next(batches)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(batches)
+    _sync(device)
+    rate = n * args.batch / (time.perf_counter() - start)
+    del batches  # the workers stop with the iterator
     return {"img_s": round(rate, 1), "workers": workers, "augment": augment, "batches": n}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,17 +327,21 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
     for name, extras in (("bare", frozenset()), ("bare+recipe", RECIPE)):
         out[name] = bare_step(backbone, size, args.batch, extras)
         print(name, out[name], flush=True)
-    if args.bare_compile is not None:  # the ceiling of a compiled loop: the bare step compiled alike
-        out["bare compiled"] = bare_step(backbone, size, args.batch, compile_mode=args.bare_compile)
-        print("bare compiled", args.bare_compile, out["bare compiled"], flush=True)
-        _save(out, args.out)
+    if args.bare_compile is not None:  # the ceilings of a compiled loop: the bare steps compiled alike
+        for name, extras in (("bare+recipe compiled", RECIPE), ("bare compiled", frozenset())):
+            out[name] = bare_step(backbone, size, args.batch, extras, compile_mode=args.bare_compile)
+            print(name, args.bare_compile, out[name], flush=True)
+            _save(out, args.out)
     for workers in args.sweep_workers:
         out[f"loader alone {workers}"] = loader_alone(args, workers)
         print("loader alone", out[f"loader alone {workers}"], flush=True)
         extra = ["--workers", str(workers), "--epochs", str(args.epochs)]
         run = main_py_run(ROOT, args, backbone, size, f"sweep{workers}-{backbone}", extra)
         out[f"workers {workers}"] = _ratios(run, out["bare"]["img_s"], out["bare+recipe"]["img_s"])
-        if args.bare_compile is not None and "epoch2_img_s" in run:
+        if args.bare_compile is not None and "epoch2_img_s" in run:  # the recipe's: what the loop runs
+            run["of_compiled_recipe_ceiling"] = round(
+                run["epoch2_img_s"] / out["bare+recipe compiled"]["img_s"], 3
+            )
             run["of_compiled_ceiling"] = round(run["epoch2_img_s"] / out["bare compiled"]["img_s"], 3)
         print("workers", workers, out[f"workers {workers}"], flush=True)
         _save(out, args.out)
@@ -399,13 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=0,
-        help="--quick: DataLoader workers for both paths; --loader: its workers",
+        help="--quick: DataLoader workers for both paths; --loader: its workers (0: the main process)",
     )
     p.add_argument(
         "--loader-batches",
         type=int,
         default=60,
-        help="--loader, --sweep-workers: batches the loader alone is timed on",
+        help="--loader, --sweep-workers: batches the loader alone is timed on, after its start-up burst",
     )
     p.add_argument("--batch", type=int, default=128, help="--gpu: batch size")
     p.add_argument("--old-tree", type=Path, default=None, help="--gpu: a checkout of the pre-store code")
@@ -420,8 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bare-compile",
         default=None,
         metavar="MODE",
-        help="--sweep-workers: also the bare step torch.compile'd in MODE (reduce-overhead: CUDA graphs), "
-        "the ceiling to hold a loop run with --set train.compile=true against",
+        help="--sweep-workers: also the bare steps (with the recipe's extras, then plain) torch.compile'd "
+        "in MODE (reduce-overhead: CUDA graphs), the ceilings of a loop run with --set train.compile=true",
     )
     p.add_argument(
         "--pair",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -23,16 +24,22 @@ def bench():
 
 
 def test_loader_alone_times_the_training_data_path(bench, tiny_data: Path, tmp_path: Path) -> None:
-    """--loader on the CPU: store, augmentations, device transform; both variants report a rate."""
+    """--loader on the CPU: store, augmentations in a worker, device transform; both variants report
+    a rate over the asked batches, past the start-up burst, and leave no worker behind."""
     args = bench.parse_args(
         ["--loader", "--data-dir", str(tiny_data), "--work-dir", str(tmp_path), "--batch", "8",
-         "--loader-batches", "3", "--out", str(tmp_path / "loader.json")]
+         "--loader-batches", "3", "--set", "augment.hflip=1.0"]
     )  # fmt: skip
     for augment in (True, False):
-        result = bench.loader_alone(args, 0, augment)
+        result = bench.loader_alone(args, 1, augment)
         assert result["batches"] == 3 and result["augment"] is augment
         assert result["img_s"] > 0
+        assert not multiprocessing.active_children(), "the loader's workers must stop with it"
     assert (tmp_path / "store").is_dir()  # the store main.py would read, built once
+    bad = bench.parse_args(["--loader", "--data-dir", str(tiny_data), "--work-dir", str(tmp_path),
+                            "--set", "augment.hflip=2"])  # fmt: skip
+    with pytest.raises(Exception, match=r"augment\.hflip"):  # the default config, with --set checked
+        bench.loader_alone(bad, 0)
 
 
 def test_worker_sweep_holds_the_loop_against_both_ceilings(bench, monkeypatch, tmp_path: Path) -> None:
@@ -41,8 +48,10 @@ def test_worker_sweep_holds_the_loop_against_both_ceilings(bench, monkeypatch, t
     modes = []
 
     def bare(backbone, size, batch, extras=frozenset(), ema_kind="cached", compile_mode=None, **_):
-        modes.append(compile_mode)
-        return {"img_s": 16000.0 if compile_mode else (4000.0 if not extras else 3200.0), "peak_gib": 1.0}
+        modes.append((compile_mode, bool(extras)))
+        if compile_mode:
+            return {"img_s": 10000.0 if extras else 16000.0, "peak_gib": 1.0}
+        return {"img_s": 3200.0 if extras else 4000.0, "peak_gib": 1.0}
 
     def loop(tree, args, backbone, size, tag, extra):
         return {"epoch1_img_s": 8400.0, "epoch2_img_s": 8000.0, "wall_s": 1.0}
@@ -57,10 +66,10 @@ def test_worker_sweep_holds_the_loop_against_both_ceilings(bench, monkeypatch, t
          "--work-dir", str(tmp_path), "--out", str(out_file), "--set", "train.compile=true"]
     )  # fmt: skip
     out = bench.worker_sweep(args)
-    assert modes == [None, None, "reduce-overhead"]
+    assert modes == [(None, False), (None, True), ("reduce-overhead", True), ("reduce-overhead", False)]
     run = out["workers 16"]
     assert run["of_ceiling"] == 2.0 and run["of_recipe_ceiling"] == 2.5
-    assert run["of_compiled_ceiling"] == 0.5
+    assert run["of_compiled_recipe_ceiling"] == 0.8 and run["of_compiled_ceiling"] == 0.5
     assert out["loader alone 16"]["img_s"] == 9000.0
     assert json.loads(out_file.read_text())["workers 16"]["of_compiled_ceiling"] == 0.5  # saved per run
 
