@@ -182,6 +182,8 @@ def bare_step(
     rate = steps * batch / (time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, net, opt, x, ema
+    if compile_mode is not None:
+        torch._dynamo.reset()  # its graphs and CUDA-graph pools go with the model, not on to the next run
     torch.cuda.empty_cache()
     return {"img_s": round(rate, 1), "peak_gib": round(peak, 2)}
 
@@ -333,7 +335,10 @@ def worker_sweep(args: argparse.Namespace) -> dict[str, Any]:
             print(name, args.bare_compile, out[name], flush=True)
             _save(out, args.out)
     for workers in args.sweep_workers:
-        out[f"loader alone {workers}"] = loader_alone(args, workers)
+        try:  # a ceiling beside the loop: its failure must not cost the loop's measurement
+            out[f"loader alone {workers}"] = loader_alone(args, workers)
+        except Exception as exc:
+            out[f"loader alone {workers}"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("loader alone", out[f"loader alone {workers}"], flush=True)
         extra = ["--workers", str(workers), "--epochs", str(args.epochs)]
         run = main_py_run(ROOT, args, backbone, size, f"sweep{workers}-{backbone}", extra)

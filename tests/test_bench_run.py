@@ -89,3 +89,19 @@ def test_no_pin_turns_pinning_off_however_it_is_passed() -> None:
     unpinned("ds", 8, True, 2, 7, True, True, 3)
     unpinned("ds", 8, False, 2, 0, pin=True, prefetch_factor=5)
     assert seen == [("ds", 8, True, 2, 7, False, True, 3), ("ds", 8, False, 2, 0, False, False, 5)]
+
+
+def test_a_failing_loader_measurement_does_not_cost_the_loops(bench, monkeypatch, tmp_path: Path) -> None:
+    def broken(args, workers, augment=True):
+        raise RuntimeError("no store")
+
+    monkeypatch.setattr(bench, "bare_step", lambda *a, **k: {"img_s": 4000.0, "peak_gib": 1.0})
+    monkeypatch.setattr(
+        bench, "main_py_run", lambda *a: {"epoch1_img_s": 3000.0, "epoch2_img_s": 2800.0, "wall_s": 1.0}
+    )
+    monkeypatch.setattr(bench, "loader_alone", broken)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *_: "test card")
+    args = bench.parse_args(["--gpu", "--sweep-workers", "8", "--data-dir", "D", "--work-dir", str(tmp_path)])
+    out = bench.worker_sweep(args)
+    assert out["loader alone 8"] == {"error": "RuntimeError: no store"}
+    assert out["workers 8"]["of_ceiling"] == 0.7

@@ -169,6 +169,7 @@ def test_cli_builds_every_split_and_reports(
     assert "trainval: 40 images at 40x40" in out and "test: 12 images at 40x40" in out
     assert "images/s" in out and "GiB" in out and str(tmp_path / "store/test-40x40") in out
     assert "peak memory of one process" in out
+    assert len(read_test(data)) == 12
 
 
 def test_cli_builds_without_the_unix_only_resource_module(
@@ -179,7 +180,6 @@ def test_cli_builds_without_the_unix_only_resource_module(
     assert main(["--data-dir", str(data), "--work-dir", str(tmp_path), "--img-size", "40"]) == 0
     out = capsys.readouterr().out
     assert "trainval: 40 images at 40x40" in out and "peak memory" not in out
-    assert len(read_test(data)) == 12
 
 
 def test_store_source_pickles_without_its_pixels(data: Path, tmp_path: Path) -> None:
