@@ -2,6 +2,8 @@
 # efficientnet_b0 at 112 px (the host-bound case of the data-path issue) in one GPU call of at most
 # ten minutes (carry the wheels the device lacks; give the call 600 s):
 #   bash benchmarks/gpu_b0.sh OUT_DIR
+# 0. main.py's trainer step against the bare step with the same extras, in one process, alternated
+#    (run.py --steps-compare): is the step the loop runs slower before any data path?
 # 1. the training data path alone (store, the default recipe's augmentations in one worker per core,
 #    pinned uint8 batches, device transform; no model), with and without the augmentations: the
 #    most any loop can take in (run.py --loader);
@@ -14,7 +16,7 @@
 #    clipping, dropout, drop path); without pinned memory (no pin-memory thread); without
 #    augmentations; with a 1 ms GIL switch interval. While BUDGET seconds (560, counted from the
 #    start) allow: a run starts only with 60 s left, and each ends by then.
-# OUT_DIR gets loader.json, graphs.json and ab_<run>.json. Env: PYTHON (python3), DATA (/tmp/syn: the
+# OUT_DIR gets steps.json, loader.json, graphs.json and ab_<run>.json. Env: PYTHON (python3), DATA (/tmp/syn: the
 # 12,000 synthetic faces of benchmarks/gpu.sh, made when missing), WORK (/tmp/gpu-b0), STEPS (40).
 # PYTHON and DATA: absolute paths, or relative to the repository root (the script runs from there).
 set -uo pipefail
@@ -36,6 +38,9 @@ if [ ! -s "$data/train/train_label.txt" ]; then
     --n-test 100 --seed 0 --workers "$cores" 2>&1 | grep wrote
 fi
 quiet() { grep -vE 'it/s|img/s\]' | grep -vE '^\s*[]["{}]|^\s+[0-9]'; }  # no bars, no JSON
+echo "== trainer step against the bare step (at ${SECONDS} s)"
+timeout -k 10 90 $py benchmarks/run.py --steps-compare --out "$out/steps.json" 2>&1 | quiet
+echo "steps: exit status ${PIPESTATUS[0]}"
 echo "== loader alone (at ${SECONDS} s)"
 timeout -k 10 90 $py benchmarks/run.py --loader --data-dir "$data" --work-dir "$work/loader" \
   --workers "$cores" --out "$out/loader.json" 2>&1 | quiet

@@ -14,6 +14,9 @@
     # any device: the training data path alone (no model), with and without the augmentations
     python benchmarks/run.py --loader --data-dir D --work-dir W --workers 16
 
+    # any device: main.py's trainer step against the bare step with the same extras, one process
+    python benchmarks/run.py --steps-compare [--img-size 32 --batch 4]
+
 ``--quick`` prints ``store_vs_png=RATIO`` on its own line (the eval pipeline at the stored size, 112 px,
 batches ready for the model). ``--gpu`` runs, for ``tf_efficientnet_b3`` at 224 px and
 ``efficientnet_b0`` at 112 px (batch 128, bf16, channels_last, ``pretrained=false``):
@@ -42,6 +45,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +135,50 @@ def quick(args: argparse.Namespace) -> dict[str, Any]:
 RECIPE = frozenset({"drop", "clip", "ema"})
 
 
+def _bare(
+    backbone: str,
+    size: int,
+    batch: int,
+    extras: frozenset[str] = frozenset(),
+    ema_kind: str = "cached",
+    compile_mode: str | None = None,
+    device: torch.device | None = None,
+) -> Callable[[int], None]:
+    """The bare training step as a function of the step number, on fixed random tensors: forward +
+    backward + AdamW (fused on CUDA), under bf16 autocast on CUDA, channels_last, with ``extras``."""
+    import timm
+    import timm.utils
+
+    from foldkit.ema import CachedEma
+
+    device = device or torch.device("cuda")
+    cuda = device.type == "cuda"
+    drop = {"drop_rate": 0.3, "drop_path_rate": 0.2} if "drop" in extras else {}
+    model = timm.create_model(backbone, pretrained=False, num_classes=1, **drop).to(device)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+    # the forward compiled; the EMA and clipping see the module itself, as in main.py
+    net = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+    ema_cls = CachedEma if ema_kind == "cached" else timm.utils.ModelEmaV3
+    ema = ema_cls(model, decay=0.9995, use_warmup=True) if "ema" in extras else None
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, device=device) > 0.5).float()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step(i: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(net(x).float().reshape(-1), y)
+        loss.backward()
+        if "clip" in extras:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, step=i)
+
+    return step
+
+
 def bare_step(
     backbone: str,
     size: int,
@@ -147,45 +195,77 @@ def bare_step(
     ``ModelEmaV3`` or foldkit's ``CachedEma``), so each one's cost can be told apart. ``compile_mode``:
     the model ``torch.compile``d in that mode, as ``train.compile`` does in main.py (the warm-up
     steps compile it and, for reduce-overhead, record its CUDA graphs)."""
-    import timm
-    import timm.utils
-
-    from foldkit.ema import CachedEma
-
-    drop = {"drop_rate": 0.3, "drop_path_rate": 0.2} if "drop" in extras else {}
-    model = timm.create_model(backbone, pretrained=False, num_classes=1, **drop).cuda()
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    # the forward compiled; the EMA and clipping see the module itself, as in main.py
-    net = model if compile_mode is None else torch.compile(model, mode=compile_mode)
-    ema_cls = CachedEma if ema_kind == "cached" else timm.utils.ModelEmaV3
-    ema = ema_cls(model, decay=0.9995, use_warmup=True) if "ema" in extras else None
-    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, device="cuda") > 0.5).float()
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     torch.backends.cudnn.benchmark = True
     torch.cuda.reset_peak_memory_stats()
+    step = _bare(backbone, size, batch, extras, ema_kind, compile_mode)
     for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(net(x).float().reshape(-1), y)
-        loss.backward()
-        if "clip" in extras:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, step=i)
+        step(i)
     torch.cuda.synchronize()
     rate = steps * batch / (time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, net, opt, x, ema
+    del step
     if compile_mode is not None:
         torch._dynamo.reset()  # its graphs and CUDA-graph pools go with the model, not on to the next run
     torch.cuda.empty_cache()
     return {"img_s": round(rate, 1), "peak_gib": round(peak, 2)}
+
+
+def _trainer(backbone: str, size: int, batch: int, device: torch.device) -> Callable[[int], None]:
+    """main.py's own training step (``foldkit.train._Trainer`` from configs/default.yaml: its model,
+    criterion, scaler, clipping, optimizer, schedule and EMA) on fixed random tensors, as a function
+    of the step number like ``_bare``'s."""
+    import foldkit.train as ft
+    from foldkit.config import load_config, parse_override
+    from foldkit.models import create_model
+    from foldkit.predict import autocast
+
+    sets = ["pretrained=false", f"data.img_size={size}", f"train.batch_size={batch}", f"device={device}"]
+    cfg = load_config(ROOT / "configs" / "default.yaml", [parse_override(o) for o in sets])
+    trainer = ft._make_trainer(cfg, create_model(cfg, backbone), device, 1000, 1.0, backbone)
+    trainer.model.train()
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, device=device) > 0.5).float()
+
+    def step(_: int) -> None:  # train_epoch's step without its loop, as benchmarks/profile_step.py has it
+        with autocast(trainer.device, trainer.dtype):
+            loss = trainer.criterion(trainer.net(x).float().reshape(-1), y)
+        trainer.scaler.scale(loss).backward()
+        trainer._optimizer_step()
+
+    return step
+
+
+def step_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """main.py's trainer step against the bare step with the same extras (``RECIPE``), in one process,
+    alternated ``--rounds`` times: is what the loop runs per step slower than the bare step, before any
+    data path? Any device (on the CPU a small --img-size and --batch make the host's part dominate)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    steps = {
+        "bare+recipe": _bare(args.backbone, args.img_size, args.batch, RECIPE, device=device),
+        "trainer": _trainer(args.backbone, args.img_size, args.batch, device),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds + 1):  # round 0 warms up (cudnn's search, the allocator)
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                step(r * args.steps + i)
+            _sync(device)
+            if r > 0:
+                times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    out: dict[str, Any] = {"device": str(device), "backbone": args.backbone, "img_size": args.img_size}
+    out.update(batch=args.batch, steps=args.steps, rounds=args.rounds)
+    for name, ms in times.items():
+        out[name] = {"ms_per_step": [round(m, 2) for m in ms], "median_ms": round(float(np.median(ms)), 2)}
+        print(f"{name}: {out[name]['median_ms']:.2f} ms a step (rounds: {out[name]['ms_per_step']})")
+    out["trainer_over_bare"] = round(out["trainer"]["median_ms"] / out["bare+recipe"]["median_ms"], 3)
+    print(f"trainer_over_bare={out['trainer_over_bare']}")
+    return out
 
 
 def components(backbone: str, size: int, batch: int) -> dict[str, dict[str, float]]:
@@ -406,15 +486,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     mode.add_argument("--gpu", action="store_true", help="GPU: bare step vs main.py's loop, old vs new")
     mode.add_argument(
+        "--steps-compare",
+        action="store_true",
+        help="any device: main.py's trainer step against the bare step with the same extras, alternated",
+    )
+    mode.add_argument(
         "--loader",
         action="store_true",
         help="any device: the training data path alone (store, augmentations, device transform), "
         "with and without the augmentations, at --workers",
     )
     p.add_argument(
-        "--data-dir", type=Path, required=True, help="data in the seed's layout (foldkit.synthetic)"
+        "--data-dir", type=Path, help="data in the seed's layout (foldkit.synthetic); all but --steps-compare"
     )
-    p.add_argument("--work-dir", type=Path, required=True, help="scratch folder for stores and runs")
+    p.add_argument("--work-dir", type=Path, help="scratch folder (stores, runs); all but --steps-compare")
     p.add_argument("--n", type=int, default=3000, help="--quick: images to read")
     p.add_argument(
         "--workers",
@@ -428,7 +513,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=60,
         help="--loader, --sweep-workers: batches the loader alone is timed on, after its start-up burst",
     )
-    p.add_argument("--batch", type=int, default=128, help="--gpu: batch size")
+    p.add_argument("--batch", type=int, default=128, help="--gpu, --loader, --steps-compare: batch size")
+    p.add_argument("--backbone", default="efficientnet_b0", help="--steps-compare: the model")
+    p.add_argument("--img-size", type=int, default=112, help="--steps-compare: input side")
+    p.add_argument("--steps", type=int, default=30, help="--steps-compare: steps per round and side")
+    p.add_argument("--rounds", type=int, default=3, help="--steps-compare: timed rounds per side")
     p.add_argument("--old-tree", type=Path, default=None, help="--gpu: a checkout of the pre-store code")
     p.add_argument(
         "--sweep-workers",
@@ -465,13 +554,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set train.compile_mode=reduce-overhead: the loop with CUDA graphs against the eager bare step)",
     )
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.steps_compare and (args.data_dir is None or args.work_dir is None):
+        p.error("--data-dir and --work-dir are needed (by every mode but --steps-compare)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
         result = quick(args)
+    elif args.steps_compare:
+        result = step_compare(args)
     elif args.loader:
         result = {f"augment {a}": loader_alone(args, args.workers, a) for a in (True, False)}
         for name, r in result.items():

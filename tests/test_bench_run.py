@@ -105,3 +105,18 @@ def test_a_failing_loader_measurement_does_not_cost_the_loops(bench, monkeypatch
     out = bench.worker_sweep(args)
     assert out["loader alone 8"] == {"error": "RuntimeError: no store"}
     assert out["workers 8"]["of_ceiling"] == 0.7
+
+
+def test_steps_compare_times_the_trainer_against_the_bare_step(bench, tmp_path: Path) -> None:
+    """--steps-compare on the CPU: main.py's own trainer step and the bare step with the same extras,
+    each timed in every round, and their ratio; it needs no data."""
+    args = bench.parse_args(
+        ["--steps-compare", "--backbone", "test_efficientnet", "--img-size", "32", "--batch", "2",
+         "--steps", "2", "--rounds", "2", "--out", str(tmp_path / "steps.json")]
+    )  # fmt: skip
+    out = bench.step_compare(args)
+    for side in ("bare+recipe", "trainer"):
+        assert len(out[side]["ms_per_step"]) == 2 and out[side]["median_ms"] > 0
+    assert out["trainer_over_bare"] == round(out["trainer"]["median_ms"] / out["bare+recipe"]["median_ms"], 3)
+    with pytest.raises(SystemExit):  # every other mode still needs its data
+        bench.parse_args(["--loader"])
