@@ -71,7 +71,6 @@ import foldkit.train as ft  # noqa: E402
 from foldkit.cli import run  # noqa: E402
 from foldkit.device_transforms import DeviceLoader  # noqa: E402
 from foldkit.ema import CachedEma  # noqa: E402
-from foldkit.predict import autocast  # noqa: E402
 
 # host-side calls that put a kernel on the GPU queue: runtime and driver API, CUDA graphs
 _LAUNCH = re.compile(r"^cu(da)?(LaunchKernel(Ex|ExC)?|LaunchCooperativeKernel|GraphLaunch)(_v\d+)?$")
@@ -385,9 +384,7 @@ def write_tables(rows: Any, path: Path, steps: int, device: torch.device) -> Non
 def _bare_step(trainer: ft._Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
     """train_epoch's step without its loop: forward, loss, backward and ``_optimizer_step`` (clipping,
     optimizer, scaler, schedule, EMA) as the run has them configured, on a batch already on the device."""
-    with autocast(trainer.device, trainer.dtype):
-        loss = trainer.criterion(trainer.net(x).float().reshape(-1), y)
-    trainer.scaler.scale(loss).backward()
+    trainer.forward_backward(x, y)
     trainer._optimizer_step()
 
 

@@ -58,6 +58,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from foldkit.cli import add_set_arg  # noqa: E402
+from foldkit.config import RunConfig  # noqa: E402
 from foldkit.data import load_rgb, read_trainval  # noqa: E402
 from foldkit.store import ensure_store  # noqa: E402
 
@@ -135,6 +136,19 @@ def quick(args: argparse.Namespace) -> dict[str, Any]:
 RECIPE = frozenset({"drop", "clip", "ema"})
 
 
+def _random_batch(batch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random channels_last batch and 0/1 targets: what every bare step trains on."""
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    return x, (torch.rand(batch, device=device) > 0.5).float()
+
+
+def _default_config(overrides: list[str]) -> RunConfig:
+    """configs/default.yaml with ``KEY=VALUE`` overrides, checked as main.py checks them."""
+    from foldkit.config import load_config, parse_override
+
+    return load_config(ROOT / "configs" / "default.yaml", [parse_override(o) for o in overrides])
+
+
 def _bare(
     backbone: str,
     size: int,
@@ -161,8 +175,7 @@ def _bare(
     net = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     ema_cls = CachedEma if ema_kind == "cached" else timm.utils.ModelEmaV3
     ema = ema_cls(model, decay=0.9995, use_warmup=True) if "ema" in extras else None
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, device=device) > 0.5).float()
+    x, y = _random_batch(batch, size, device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step(i: int) -> None:
@@ -218,21 +231,16 @@ def _trainer(backbone: str, size: int, batch: int, device: torch.device) -> Call
     criterion, scaler, clipping, optimizer, schedule and EMA) on fixed random tensors, as a function
     of the step number like ``_bare``'s."""
     import foldkit.train as ft
-    from foldkit.config import load_config, parse_override
     from foldkit.models import create_model
-    from foldkit.predict import autocast
 
     sets = ["pretrained=false", f"data.img_size={size}", f"train.batch_size={batch}", f"device={device}"]
-    cfg = load_config(ROOT / "configs" / "default.yaml", [parse_override(o) for o in sets])
+    cfg = _default_config(sets)
     trainer = ft._make_trainer(cfg, create_model(cfg, backbone), device, 1000, 1.0, backbone)
     trainer.model.train()
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, device=device) > 0.5).float()
+    x, y = _random_batch(batch, size, device)
 
-    def step(_: int) -> None:  # train_epoch's step without its loop, as benchmarks/profile_step.py has it
-        with autocast(trainer.device, trainer.dtype):
-            loss = trainer.criterion(trainer.net(x).float().reshape(-1), y)
-        trainer.scaler.scale(loss).backward()
+    def step(_: int) -> None:  # train_epoch's step without its loop
+        trainer.forward_backward(x, y)
         trainer._optimizer_step()
 
     return step
@@ -367,11 +375,10 @@ def loader_alone(args: argparse.Namespace, workers: int, augment: bool = True) -
     batches prepared in parallel) are taken untimed, then ``--loader-batches`` are timed from there;
     the images are repeated as needed so that one pass holds both (no epoch reset in the window)."""
     from foldkit.augment import train_transform
-    from foldkit.config import load_config, parse_override
     from foldkit.dataset import ImageDataset, make_loader
     from foldkit.device_transforms import DeviceLoader, DeviceTransform
 
-    cfg = load_config(ROOT / "configs" / "default.yaml", [parse_override(o) for o in args.overrides])
+    cfg = _default_config(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     index = read_trainval(args.data_dir)
     store = ensure_store(args.data_dir, args.work_dir, index, "trainval", workers=workers or None)

@@ -284,9 +284,7 @@ class _Trainer:
             group = min(tc.accum_steps, n_batches - i // tc.accum_steps * tc.accum_steps)
             # DDP: average the gradients once per optimizer step, not on every accumulated batch
             with self.ddp.no_sync() if self.ddp is not None and not stepped else nullcontext():
-                with autocast(self.device, self.dtype):
-                    loss = self.criterion(self.net(images).float().reshape(-1), targets)
-                self.scaler.scale(loss / group if group > 1 else loss).backward()
+                loss = self.forward_backward(images, targets, group)
             if stepped:
                 self._optimizer_step()
             total += loss.detach() * len(images)
@@ -309,6 +307,16 @@ class _Trainer:
         self.check_weights(epoch)
         fresh_all = seen_all - progress.seen  # rank 0 carried the resumed part; every rank added its own
         return loss_sum / max(1, seen_all), fresh_all / max(1e-9, time.perf_counter() - start), seen_all
+
+    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """One batch's forward under autocast and its scaled backward; returns the loss. ``group``:
+        the batches accumulated into one optimizer step, each adding its share of their mean
+        gradient. The one place a training step computes its loss: the epoch loop, the warm-up and
+        the benchmarks' bare steps all call it."""
+        with autocast(self.device, self.dtype):
+            loss = self.criterion(self.net(images).float().reshape(-1), targets)
+        self.scaler.scale(loss / group if group > 1 else loss).backward()
+        return loss
 
     def _sums(self, total: torch.Tensor, seen: int) -> tuple[float, int]:
         """(loss sum, images) so far, summed over the ranks under DDP; reading them syncs."""
@@ -442,9 +450,7 @@ def warm_up(trainer: _Trainer, steps: int = 2) -> float:
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for _ in range(steps):
-            with autocast(device, trainer.dtype):
-                loss = trainer.criterion(trainer.net(x).float().reshape(-1), y)
-            trainer.scaler.scale(loss).backward()
+            trainer.forward_backward(x, y)
             trainer._apply_gradients()
             if trainer.ema is not None:
                 trainer.ema.update(model, step=trainer.step + 1)
