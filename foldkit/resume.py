@@ -31,7 +31,7 @@ from torch import nn
 
 from foldkit.config import HARMLESS_KEYS, RunConfig, flatten, to_dict
 from foldkit.io import FoldkitError, try_flock
-from foldkit.predict import file_sha256
+from foldkit.predict import file_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,27 @@ def restore_trainer(trainer: TrainerLike, ckpt: dict[str, Any]) -> Progress:
 def is_resumable(ckpt: dict[str, Any]) -> bool:
     """Written by a foldkit that saves resume state (older ``last.pt`` files lack it)."""
     return {"progress", "rng", "raw_model", "optimizer", "scheduler", "step"} <= set(ckpt)
+
+
+# what trainer_state adds to last.pt; without them last.pt holds what best.pt holds
+_RESUME_KEYS = frozenset({"raw_model", "optimizer", "scheduler", "scaler", "step", "ema", "progress", "rng"})
+
+
+def best_to_restore(last: dict[str, Any], best: Path) -> dict[str, Any] | None:
+    """The ``best.pt`` to write before resuming from ``last``, or None when ``best`` is right.
+
+    An epoch that scores best saves ``last.pt`` first (naming it the best epoch), then ``best.pt``. A
+    run killed between the two leaves a ``best.pt`` of an older epoch, or none: the resumed run would
+    not train that epoch again, and its OOF would come from the older one. ``last.pt`` holds the same
+    eval weights and metadata, so ``best.pt`` is restored from it. (The other order lost more: a
+    ``best.pt`` from an epoch that ``last.pt`` did not know of, trained again on resume, and on a
+    non-deterministic GPU into other weights than the ones kept.)"""
+    best_epoch = last["progress"]["best_epoch"]
+    if "score" not in last or best_epoch != last.get("epoch"):
+        return None  # saved mid-epoch, or the best epoch is older: its best.pt was complete before
+    if best.is_file() and load_checkpoint(best, mmap=True).get("epoch") == best_epoch:
+        return None
+    return {k: v for k, v in last.items() if k not in _RESUME_KEYS}
 
 
 # -- compatibility ----------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from foldkit.predict import (
 from foldkit.report import metrics
 from foldkit.resume import (
     Progress,
+    best_to_restore,
     check_compatible,
     config_changes,
     finished_oof,
@@ -634,12 +635,25 @@ def _fit_fold(
             (paths.model_dir / "last.pt").unlink(missing_ok=True)
     handler = _attach_log(paths.model_dir, append=ckpt is not None) if distributed.is_main() else None
     try:
+        if ckpt is not None and distributed.is_main():
+            _restore_best(ckpt, paths, label)
         best_epoch, best_score = _train_fold(task, ckpt, save_every, images)
     finally:
         if handler is not None:
             logging.getLogger("foldkit").removeHandler(handler)
             handler.close()
     return _summary(backbone, fold, best_epoch, best_score, paths)
+
+
+def _restore_best(last: dict[str, Any], paths: RunPaths, label: str) -> None:
+    """Write ``best.pt`` from ``last.pt`` where a kill came between the two saves of a best epoch."""
+    restored = best_to_restore(last, paths.model_dir / "best.pt")
+    if restored is not None:
+        _save_checkpoint(paths.model_dir / "best.pt", restored)
+        log.warning(
+            "%s: best.pt restored from last.pt (epoch %d): the run had stopped between the two saves",
+            label, restored["epoch"],
+        )  # fmt: skip
 
 
 def _retrain_reasons(
@@ -906,15 +920,18 @@ def _epochs(
         score = -np.inf if np.isnan(score) else score  # e.g. AUC on a one-class holdout
         payload = {**base, "epoch": epoch, "score": score, "threshold": m["threshold"], "val": m}
         # epoch 1 is always saved; metric "last" keeps every newer epoch (its score: -val_loss, for the log)
-        if score > progress.best_score or progress.best_epoch < 0 or cfg.train.metric == "last":
+        improved = score > progress.best_score or progress.best_epoch < 0 or cfg.train.metric == "last"
+        if improved:
             progress.best_score, progress.best_epoch, progress.stale = score, epoch, 0
-            _save_checkpoint(
-                paths.model_dir / "best.pt", {**payload, "model": module_state(trainer.eval_model())}
-            )
         else:
             progress.stale += 1
         progress = replace(progress, epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0)
+        # last.pt first: a kill before best.pt is written is mended from it (resume.best_to_restore)
         _save_last(trainer, last, payload, progress)
+        if improved:
+            _save_checkpoint(
+                paths.model_dir / "best.pt", {**payload, "model": module_state(trainer.eval_model())}
+            )
         if _patience_spent(cfg, progress):
             log.info(
                 "%s: early stop after epoch %d (best epoch %d)", trainer.label, epoch, progress.best_epoch

@@ -85,6 +85,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_oof(
     assert f"resuming from {tmp_path / RUN / 'last.pt'} at epoch {expected[0]}, batch {expected[1]}" in (
         resumed.stderr
     )
+    assert "best.pt restored" not in resumed.stderr  # both were saved: nothing to mend
     _assert_same_run(tmp_path, uninterrupted)
     assert load_checkpoint(tmp_path / RUN / "last.pt")["step"] == 15
     # the resumed run appends to train.log: the killed run's epochs stay in it
@@ -360,6 +361,34 @@ def test_interrupted_accumulating_run_resumes_at_an_accumulation_boundary(
     armed[0] = False
     assert train_tiny(tiny_data, tmp_path / "b", *args) == 0
     _assert_same_run(tmp_path / "b", tmp_path / "a")
+
+
+def test_a_stop_between_the_last_and_the_best_save_is_mended_on_resume(
+    tiny_data: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The best epoch saves last.pt first, then best.pt. A run stopped between the two resumes with
+    best.pt restored from last.pt: its OOF comes from the best epoch, as the uninterrupted run's."""
+    import foldkit.train
+
+    best_epoch = load_checkpoint(uninterrupted / RUN / "best.pt")["epoch"]
+    real, armed = foldkit.train._save_checkpoint, [True]
+
+    def save(path: Path, payload: dict) -> None:
+        if armed[0] and path.name == "best.pt" and payload["epoch"] == best_epoch:
+            raise KeyboardInterrupt
+        real(path, payload)
+
+    monkeypatch.setattr(foldkit.train, "_save_checkpoint", save)
+    assert train_tiny(tiny_data, tmp_path, *RESUME_ARGS) == 130
+    last, best = load_checkpoint(tmp_path / RUN / "last.pt"), tmp_path / RUN / "best.pt"
+    assert last["epoch"] == last["progress"]["best_epoch"] == best_epoch  # last.pt came first
+    assert not best.exists() or load_checkpoint(best)["epoch"] < best_epoch
+    armed[0] = False
+    capsys.readouterr()
+    assert train_tiny(tiny_data, tmp_path, *RESUME_ARGS) == 0
+    assert load_checkpoint(best)["epoch"] == best_epoch
+    _assert_same_run(tmp_path, uninterrupted)
+    assert f"best.pt restored from last.pt (epoch {best_epoch})" in capsys.readouterr().err
 
 
 def test_a_key_added_later_counts_as_its_default_and_the_process_count_must_match(tmp_path: Path) -> None:
