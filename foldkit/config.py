@@ -104,7 +104,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     grad_clip: float | None = 1.0  # max grad norm; null: no clipping
     accum_steps: int = 1  # gradient accumulation steps per optimiser step
-    amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16), bf16, fp16, none; CPU: always none
+    amp: str = "auto"  # auto (bf16 on GPUs with bf16 tensor cores, else fp16), bf16, fp16, none; CPU: none
     channels_last: bool = True  # NHWC tensors: faster convolutions on GPUs and, measured, on CPUs too
     compile: bool = False  # torch.compile the model
     # torch.compile's mode when compile is on: reduce-overhead records CUDA graphs, one launch for the

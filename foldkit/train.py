@@ -114,12 +114,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; never on CPU."""
+    """bf16 where the GPU runs it natively (no loss scaling needed), else fp16; never on CPU."""
     if device.type != "cuda" or cfg.train.amp == "none":
         return None
-    if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and torch.cuda.is_bf16_supported()):
+    if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and native_bf16(device)):
         return torch.bfloat16
     return torch.float16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` has bf16 tensor cores (compute capability 8.0 on: Ampere, Ada, Hopper; ROCm).
+
+    Why not ``torch.cuda.is_bf16_supported()``: by default it also says yes where bf16 is only
+    emulated (T4, V100, P100: the GPUs of Kaggle's and Colab's notebooks), which runs many times
+    slower than fp16 with loss scaling."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def run_seed(seed: int, backbone: str, fold: int) -> int:
@@ -336,7 +347,7 @@ class _Trainer:
             raise FoldkitError(
                 f"{self.label}: the training loss became {value} in epoch {epoch}, between optimizer "
                 f"steps {good + 1} and {self.step}. Training stopped; the checkpoints saved before "
-                "are kept as they were. Try a lower train.lr, train.grad_clip, or --set train.amp=bf16."
+                f"are kept as they were. {self.way_out()}"
             )
         return value, seen_all
 
@@ -348,8 +359,18 @@ class _Trainer:
             raise FoldkitError(
                 f"{self.label}: the weights became NaN/inf in epoch {epoch}, by optimizer step "
                 f"{self.step}. Training stopped; the checkpoints saved before are kept as they were. "
-                "Try a lower train.lr, train.grad_clip, or --set train.amp=bf16."
+                f"{self.way_out()}"
             )
+
+    def way_out(self) -> str:
+        """What to try after a NaN/inf: fp16 overflows past 65,504, so leave it for bf16 where the GPU
+        has it natively, else for fp32 (emulated bf16 is many times slower)."""
+        hint = "Try a lower train.lr or train.grad_clip"
+        if self.dtype != torch.float16:
+            return hint + "."
+        if native_bf16(self.device):
+            return hint + ", or --set train.amp=bf16 (fp16 overflows past 65,504; bf16 does not)."
+        return hint + ", or --set train.amp=none (fp16 overflows past 65,504; this GPU has no native bf16)."
 
     def _apply_gradients(self) -> None:
         """Clip, step the optimizer and the scaler, clear the gradients: the update itself."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
+import torch
 import yaml
 
 import main
@@ -19,6 +21,7 @@ from foldkit.config import (
     save_config,
     to_dict,
 )
+from foldkit.train import _Trainer, amp_dtype
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 
@@ -204,3 +207,46 @@ def test_zero_epochs_is_one_problem_and_rotate_is_checked(tmp_path: Path) -> Non
         load_config(path)
     assert "train.warmup_epochs: 3.0 is out of range" in str(info.value)
     assert "augment.rotate: -5.0 is out of range" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("capability", "amp", "expected"),
+    [
+        ((7, 5), "auto", torch.float16),  # T4: bf16 only emulated, though torch says it is supported
+        ((6, 0), "auto", torch.float16),  # P100
+        ((8, 0), "auto", torch.bfloat16),  # A100
+        ((9, 0), "auto", torch.bfloat16),  # H100
+        ((7, 5), "bf16", torch.bfloat16),  # asked for: as asked
+        ((9, 0), "fp16", torch.float16),
+        ((9, 0), "none", None),
+    ],
+)
+def test_amp_auto_picks_bf16_only_where_the_gpu_runs_it_natively(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], amp: str, expected: torch.dtype | None
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # its default: emulation too
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cfg = load_config(PROJECT_ROOT / "configs" / "default.yaml", [parse_override(f"train.amp={amp}")])
+    assert amp_dtype(cfg, torch.device("cuda", 0)) is expected
+    assert amp_dtype(cfg, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "advice"),
+    [
+        ((7, 5), torch.float16, "--set train.amp=none (fp16 overflows past 65,504; this GPU has no native"),
+        ((8, 0), torch.float16, "--set train.amp=bf16 (fp16 overflows past 65,504; bf16 does not)"),
+        ((8, 0), torch.bfloat16, None),
+    ],
+)
+def test_nan_advice_names_the_precision_this_gpu_has(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], dtype: torch.dtype, advice: str | None
+) -> None:
+    """After a NaN/inf under fp16, bf16 is the way out only on a GPU that has it natively (not T4)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    trainer = SimpleNamespace(dtype=dtype, device=torch.device("cuda", 0))
+    text = _Trainer.way_out(trainer)  # type: ignore[arg-type]
+    assert text.startswith("Try a lower train.lr or train.grad_clip")
+    assert (advice in text) if advice else ("train.amp" not in text)

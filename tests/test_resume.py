@@ -229,6 +229,7 @@ def test_nan_loss_stops_the_fold_naming_it_and_keeps_the_last_good_checkpoint(
         "test_efficientnet fold 0: the training loss became nan in epoch 2, between optimizer steps 2 and 2"
         in err
     )
+    assert "as they were. Try a lower train.lr or train.grad_clip.\n" in err  # fp32: no AMP advice
     last = load_checkpoint(tmp_path / RUN / "last.pt")
     assert last["progress"]["epoch"] == 2 and last["step"] == 1
     for name in ("last.pt", "best.pt"):
