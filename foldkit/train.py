@@ -126,8 +126,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` has bf16 tensor cores (compute capability 8.0 on: Ampere, Ada, Hopper; ROCm).
 
     Why not ``torch.cuda.is_bf16_supported()``: by default it also says yes where bf16 is only
-    emulated (T4, V100, P100: the GPUs of Kaggle's and Colab's notebooks), which runs many times
-    slower than fp16 with loss scaling."""
+    emulated (T4, V100, P100: the GPUs of Kaggle's and Colab's notebooks; pytorch/pytorch#148322),
+    which computes in fp32 without tensor cores: slower than fp16 with loss scaling, which they have."""
     if torch.version.hip:
         return True
     return torch.cuda.get_device_capability(device)[0] >= 8
@@ -364,7 +364,7 @@ class _Trainer:
 
     def way_out(self) -> str:
         """What to try after a NaN/inf: fp16 overflows past 65,504, so leave it for bf16 where the GPU
-        has it natively, else for fp32 (emulated bf16 is many times slower)."""
+        has it natively, else for fp32 (emulated bf16 would be fp32's speed at bf16's precision)."""
         hint = "Try a lower train.lr or train.grad_clip"
         if self.dtype != torch.float16:
             return hint + "."
