@@ -23,7 +23,15 @@ from pathlib import Path
 
 from foldkit import PROJECT_ROOT
 from foldkit.cli import HelpFormatter, add_on_bad_image_arg, add_path_args, add_set_arg, run, setup_logging
-from foldkit.config import SHORTCUTS, RunConfig, from_dict, get_key, load_config, parse_override
+from foldkit.config import (
+    SHORTCUTS,
+    RunConfig,
+    canonical_tta,
+    from_dict,
+    get_key,
+    load_config,
+    parse_override,
+)
 from foldkit.io import FoldkitError, listed
 from foldkit.preflight import check_models, preflight
 from foldkit.scheduler import follow_parent
@@ -367,15 +375,13 @@ def warn_threshold_tta(name: str, ckpt: dict, tta: list[str]) -> bool:
     on: TTA shifts the probabilities, so the threshold no longer sits where F1 peaked. A checkpoint
     without ``threshold_tta`` (e.g. last.pt) has the per-epoch validation threshold, made without TTA.
     """
-    tuned = [t for t in ckpt.get("threshold_tta", []) if t != "none"]
-    used = [t for t in tta if t != "none"]
+    tuned, used = canonical_tta(ckpt.get("threshold_tta", [])), canonical_tta(tta)
     if used == tuned:
         return False
     log.warning(
         "%s: predicting with TTA %s, but its threshold %.4f was tuned on TTA %s; the F1-optimal "
         "threshold differs between them (use --tta %s, or pass --threshold)",
-        name, used or "none", float(ckpt.get("threshold", 0.5)), tuned or "none",
-        ",".join(tuned) or "none",
+        name, used, float(ckpt.get("threshold", 0.5)), tuned, ",".join(tuned),
     )  # fmt: skip
     return True
 

@@ -16,6 +16,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,16 @@ _CHOICES = {
     "data.on_bad_image": ("error", "skip"),
 }
 TTA_NAMES = ("none", "hflip", "vflip", "d4", "rot90")
+
+
+def canonical_tta(names: Sequence[str]) -> list[str]:
+    """One spelling per set of TTA transforms, so that lists meaning the same predictions compare
+    equal (``vflip,hflip`` and ``hflip,vflip``; nothing and ``none``; ``hflip,rot90`` and ``d4``,
+    which ttach builds alike): the ensemble re-predicts its OOF only for a TTA that differs."""
+    chosen = set(names) - {"none"}
+    if "d4" in chosen or chosen == {"hflip", "rot90"}:
+        return ["d4"]  # tta_transforms: d4 alone, whatever else is listed
+    return [n for n in ("hflip", "vflip", "rot90") if n in chosen] or ["none"]
 
 
 def validate(cfg: RunConfig) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from foldkit import PROJECT_ROOT
-from foldkit.config import from_dict, load_config, to_dict
+from foldkit.config import canonical_tta, from_dict, load_config, to_dict
 from foldkit.data import files_hash, read_test, read_trainval, warn_test_overlap
 from foldkit.io import FoldkitError, atomic_write_text
 from foldkit.submission import label_file_names, submission_text
@@ -224,7 +224,7 @@ def _real_commands(message: str, opts: Options) -> str:
 
 
 def _oof_tta(models: Sequence[ModelOOF]) -> list[str]:
-    ttas = {tuple(meta.get("tta", [])) for m in models for meta in m.metas.values()}
+    ttas = {tuple(canonical_tta(meta.get("tta", []))) for m in models for meta in m.metas.values()}
     if len(ttas) > 1:
         raise FoldkitError(
             f"OOF files were made with different TTA settings {sorted(ttas)}; pass --tta to "
@@ -415,7 +415,7 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
     if check_test:
         open_test_images(opts, oof)
     made_with = _oof_tta(oof.models)
-    tta = made_with if opts.tta is None else list(opts.tta)
+    tta = made_with if opts.tta is None else canonical_tta(opts.tta)
     if tta != made_with:
         log.info("OOF files were made with TTA %s; re-predicting them with %s", made_with, tta)
         _repredict_oof(opts, oof, tta)

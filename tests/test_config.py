@@ -15,12 +15,14 @@ from foldkit import PROJECT_ROOT
 from foldkit.config import (
     ConfigError,
     RunConfig,
+    canonical_tta,
     from_dict,
     load_config,
     parse_override,
     save_config,
     to_dict,
 )
+from foldkit.predict import tta_transforms
 from foldkit.train import _Trainer, amp_dtype
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
@@ -250,3 +252,22 @@ def test_nan_advice_names_the_precision_this_gpu_has(
     text = _Trainer.way_out(trainer)  # type: ignore[arg-type]
     assert text.startswith("Try a lower train.lr or train.grad_clip")
     assert (advice in text) if advice else ("train.amp" not in text)
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ([], ["none"]),
+        (["none"], ["none"]),
+        (["vflip", "hflip"], ["hflip", "vflip"]),
+        (["hflip", "none"], ["hflip"]),
+        (["rot90", "hflip"], ["d4"]),  # ttach's d4 is hflip then rot90
+        (["d4", "vflip"], ["d4"]),  # d4 alone is built, whatever else is listed
+        (["rot90", "vflip", "hflip"], ["hflip", "vflip", "rot90"]),
+    ],
+)
+def test_canonical_tta_spells_the_same_transforms_one_way(names: list[str], expected: list[str]) -> None:
+    assert canonical_tta(names) == expected
+    built, canon = tta_transforms(names), tta_transforms(expected)
+    as_ops = [[(type(t).__name__, t.params) for t in c.aug_transforms] if c else [] for c in (built, canon)]
+    assert as_ops[0] == as_ops[1]  # the same ttach transforms, in the same order

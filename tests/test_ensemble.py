@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -195,6 +196,16 @@ def test_other_tta_repredicts_oof_too(trained_copy: Path, tiny_data: Path) -> No
         assert (trained_copy / f"oof/demo/test_convnext/fold{k}.tta-none.csv").is_file()
         assert (trained_copy / f"oof/demo/test_convnext/test_fold{k}.tta-none.csv").is_file()
     assert json.loads((trained_copy / "oof/demo/report.json").read_text())["blend"]["tta"] == ["none"]
+
+
+def test_the_oofs_tta_spelled_otherwise_reuses_the_oof(trained_copy: Path, tiny_data: Path, caplog) -> None:
+    """``none,hflip`` builds the transforms of the OOF files' ``hflip``: no re-prediction, no new cache."""
+    assert json.loads((trained_copy / "oof/demo/test_convnext/fold0.json").read_text())["tta"] == ["hflip"]
+    with caplog.at_level(logging.INFO, logger="foldkit"):
+        assert _ensemble(trained_copy, tiny_data, "--mode", "val", "--tta", "none,hflip") == 0
+    assert "re-predicting" not in caplog.text
+    assert not list(trained_copy.glob("oof/demo/*/*.tta-*"))
+    assert json.loads((trained_copy / "oof/demo/report.json").read_text())["blend"]["tta"] == ["hflip"]
 
 
 def test_unknown_experiment_and_tta_exit_2(trained: Path, tiny_data: Path, capsys) -> None:

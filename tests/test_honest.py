@@ -277,3 +277,6 @@ def test_threshold_tta_warning_unit() -> None:
     assert main.warn_threshold_tta("x", {"threshold_tta": ["hflip"]}, ["none"])
     assert not main.warn_threshold_tta("x", {"threshold_tta": []}, ["none"])
     assert main.warn_threshold_tta("x", {}, ["hflip"])  # last.pt: threshold from validation, no TTA
+    # the same transforms spelled otherwise: no warning
+    assert not main.warn_threshold_tta("x", {"threshold_tta": ["vflip", "hflip"]}, ["hflip", "vflip", "none"])
+    assert not main.warn_threshold_tta("x", {"threshold_tta": ["d4"]}, ["rot90", "hflip"])
