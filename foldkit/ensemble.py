@@ -124,7 +124,9 @@ def config_arg(work_dir: Path, exp: str) -> str:
 
     The OOF sidecars record the resolved config, not the command: the shipped ``configs/<exp>.yaml``
     when it resolves to that config, else a trained run's saved ``config.yaml`` (the resolved config,
-    overrides included). Nothing trained yet: ``configs/<exp>.yaml`` if it exists, else the default.
+    overrides included). No fold finished: a started run's saved ``config.yaml`` alike (``main.py``
+    resumes an unfinished fold only with its own settings). Nothing started: ``configs/<exp>.yaml``
+    if it exists, else the default.
     """
     shipped = f"configs/{exp}.yaml"
     for sidecar in _fold_files(work_dir, exp, ".json"):
@@ -137,6 +139,14 @@ def config_arg(work_dir: Path, exp: str) -> str:
         saved = work_dir / "models" / exp / sidecar.parent.name / sidecar.stem / "config.yaml"
         if saved.is_file():
             return str(saved)
+    for saved in sorted((work_dir / "models" / exp).glob("*/fold*/config.yaml")):
+        try:
+            recorded = json.loads(json.dumps(to_dict(load_config(saved))))
+        except FoldkitError:
+            continue
+        if (PROJECT_ROOT / shipped).is_file() and _same_config(PROJECT_ROOT / shipped, recorded):
+            return shipped
+        return str(saved)
     return shipped if (PROJECT_ROOT / shipped).is_file() else "configs/default.yaml"
 
 

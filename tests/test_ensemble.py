@@ -403,6 +403,23 @@ def test_hint_names_the_shipped_config_when_the_run_used_it_unchanged(
     )
 
 
+def test_hint_for_runs_started_but_never_finished_names_their_saved_config(
+    trained_copy: Path, tiny_data: Path
+) -> None:
+    """No OOF yet (every fold stopped before its end): the hint's config is a started run's resolved
+    one, which main.py resumes; the shipped demo.yaml has other settings, which it would refuse."""
+    from foldkit.ensemble import config_arg
+
+    shutil.rmtree(trained_copy / "oof")
+    saved = trained_copy / "models/demo/test_convnext/fold0/config.yaml"
+    assert config_arg(trained_copy, "demo") == str(saved)
+    for path in (trained_copy / "models/demo").glob("*/fold*/config.yaml"):
+        path.write_text((PROJECT_ROOT / "configs/demo.yaml").read_text())  # started with it unchanged
+    assert config_arg(trained_copy, "demo") == "configs/demo.yaml"
+    shutil.rmtree(trained_copy / "models")
+    assert config_arg(trained_copy, "demo") == "configs/demo.yaml"  # nothing started: the shipped one
+
+
 def test_lost_folds_json_is_named_with_the_retrain_command(
     trained_copy: Path, tiny_data: Path, capsys
 ) -> None:
