@@ -46,6 +46,7 @@ class Progress:
     batch: int = 0  # batches of ``epoch`` already trained (0: the epoch has not started)
     loss_sum: float = 0.0  # sum of loss * batch size over those batches (history's train_loss)
     seen: int = 0  # images in those batches
+    dropped: int = 0  # of those, images of fp16 batches whose loss overflowed (left out of loss_sum)
     best_score: float = -math.inf
     best_epoch: int = -1
     stale: int = 0  # epochs since the best one (early stopping)

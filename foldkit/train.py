@@ -128,6 +128,8 @@ def native_bf16(device: torch.device) -> bool:
     Why not ``torch.cuda.is_bf16_supported()``: by default it also says yes where bf16 is only
     emulated (T4, V100, P100: the GPUs of Kaggle's and Colab's notebooks; pytorch/pytorch#148322),
     which computes in fp32 without tensor cores: slower than fp16 with loss scaling, which they have."""
+    if device.type != "cuda":
+        return False
     if torch.version.hip:
         return True
     return torch.cuda.get_device_capability(device)[0] >= 8
@@ -218,6 +220,35 @@ def _loaders(
     return DeviceLoader(train_dl, to_device, device), val_dl
 
 
+class _LossTally:
+    """An epoch's running training loss, summed on the device and read back (a host sync) only at
+    the progress bar's cadence: a per-step ``.item()`` would stall the GPU queue.
+
+    Under fp16 a batch's loss can overflow (inf/NaN) while the weights stay sound: GradScaler skips
+    that optimizer step and lowers its scale. Stopping the fold there would stop it for good, since a
+    resume replays the same batch. So under fp16 such a batch is left out of the sum and counted; a
+    read in which every batch overflowed is a diverged run and stops the fold. In bf16 and fp32 a
+    NaN/inf loss always stops it."""
+
+    def __init__(self, device: torch.device, progress: Progress, carried: bool, fp16: bool) -> None:
+        # under DDP rank 0 carries the resumed part of the epoch; every rank adds its own batches
+        self.total = torch.tensor(progress.loss_sum if carried else 0.0, dtype=torch.float32, device=device)
+        dropped = float(progress.dropped if carried else 0)
+        self.dropped = torch.tensor(dropped, dtype=torch.float32, device=device) if fp16 else None
+        self.seen = progress.seen if carried else 0
+        self.last_read = (progress.seen, progress.dropped)  # (images, dropped) at the last read, all ranks
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        loss = loss.detach()
+        if self.dropped is None:
+            self.total += loss * n
+        else:
+            bad = ~torch.isfinite(loss)
+            self.total += torch.where(bad, 0.0, loss * n)
+            self.dropped += bad * n
+        self.seen += n
+
+
 @dataclass
 class _Trainer:
     """The mutable state of one fit: model, EMA, optimiser, schedule, scaler."""
@@ -278,8 +309,8 @@ class _Trainer:
         loader.batch_sampler.set_epoch(epoch, first)
         n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
         carried = distributed.is_main()
-        total = torch.tensor(progress.loss_sum if carried else 0.0, dtype=torch.float32, device=self.device)
-        seen, fresh, good, start = progress.seen if carried else 0, 0, self.step, time.perf_counter()
+        tally = _LossTally(self.device, progress, carried, self.scaler.is_enabled())
+        fresh, good, start = 0, self.step, time.perf_counter()
         next_save = (first // save_every + 1) * save_every if save and save_every else None
         bar = tqdm(
             loader, total=n_batches, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
@@ -299,26 +330,27 @@ class _Trainer:
                 loss = self.forward_backward(images, targets, group)
             if stepped:
                 self._optimizer_step()
-            total += loss.detach() * len(images)
-            seen, fresh = seen + len(images), fresh + len(images)
+            tally.add(loss, len(images))
+            fresh += len(images)
             if (i + 1) % _SYNC_EVERY == 0 or i + 1 == n_batches:
-                (loss_sum, seen_all), good = self._checked_sums(total, seen, epoch, good), self.step
+                (loss_sum, seen_all, dropped), good = self._checked_sums(tally, epoch, good), self.step
                 bar.set_postfix(
-                    loss=f"{loss_sum / max(1, seen_all):.4f}",
+                    loss=f"{loss_sum / max(1, seen_all - dropped):.4f}",
                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                     img_s=f"{fresh * distributed.world_size() / max(1e-9, time.perf_counter() - start):.0f}",
                 )
             if next_save is not None and stepped and next_save <= i + 1 < n_batches:
-                (loss_sum, seen_all), good = self._checked_sums(total, seen, epoch, good), self.step
+                (loss_sum, seen_all, dropped), good = self._checked_sums(tally, epoch, good), self.step
                 self.check_weights(epoch)
-                save(replace(progress, batch=i + 1, loss_sum=loss_sum, seen=seen_all))
+                save(replace(progress, batch=i + 1, loss_sum=loss_sum, seen=seen_all, dropped=dropped))
                 next_save = ((i + 1) // save_every + 1) * save_every
             if stepped and self.step == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        loss_sum, seen_all = self._sums(total, seen)  # syncs, so the rate below counts finished work
+        loss_sum, seen_all, dropped = self._sums(tally)  # syncs, so the rate below counts finished work
         self.check_weights(epoch)
         fresh_all = seen_all - progress.seen  # rank 0 carried the resumed part; every rank added its own
-        return loss_sum / max(1, seen_all), fresh_all / max(1e-9, time.perf_counter() - start), seen_all
+        rate = fresh_all / max(1e-9, time.perf_counter() - start)
+        return loss_sum / max(1, seen_all - dropped), rate, seen_all
 
     def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, group: int = 1) -> torch.Tensor:
         """One batch's forward under autocast and its scaled backward; returns the loss. ``group``:
@@ -330,26 +362,42 @@ class _Trainer:
         self.scaler.scale(loss / group if group > 1 else loss).backward()
         return loss
 
-    def _sums(self, total: torch.Tensor, seen: int) -> tuple[float, int]:
-        """(loss sum, images) so far, summed over the ranks under DDP; reading them syncs."""
+    def _sums(self, tally: _LossTally) -> tuple[float, int, int]:
+        """(loss sum, images, images of overflowed fp16 batches) so far, summed over the ranks under
+        DDP; reading them syncs."""
         if distributed.world_size() == 1:
-            return float(total.item()), seen
-        seen_t = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
-        both = distributed.all_sum(torch.stack([total.to(self.device, torch.float64), seen_t])).cpu()
-        return float(both[0]), int(both[1])
+            if tally.dropped is None:
+                return float(tally.total.item()), tally.seen, 0
+            both = torch.stack([tally.total, tally.dropped]).cpu()
+            return float(both[0]), tally.seen, int(both[1])
+        dropped = tally.dropped if tally.dropped is not None else torch.zeros((), device=self.device)
+        seen = torch.tensor(float(tally.seen), dtype=torch.float64, device=self.device)
+        parts = [t.to(self.device, torch.float64) for t in (tally.total, seen, dropped)]
+        summed = distributed.all_sum(torch.stack(parts)).cpu()
+        return float(summed[0]), int(summed[1]), int(summed[2])
 
-    def _checked_sums(self, total: torch.Tensor, seen: int, epoch: int, good: int) -> tuple[float, int]:
-        """Read the running loss sum back (a host sync; under DDP summed over the ranks, so all of them
-        stop together); stop the fold on NaN/inf. The sum carries a NaN on, so the bad step lies after
-        ``good``, the step of the last finite read."""
-        value, seen_all = self._sums(total, seen)
-        if not math.isfinite(value):
+    def _checked_sums(self, tally: _LossTally, epoch: int, good: int) -> tuple[float, int, int]:
+        """Read the running loss back (a host sync; under DDP summed over the ranks, so all of them
+        stop together); stop the fold on NaN/inf, or under fp16 when every batch since the last read
+        overflowed (see ``_LossTally``). The bad step lies after ``good``, the step of the last good
+        read."""
+        value, seen, dropped = self._sums(tally)
+        new_seen, new_dropped = seen - tally.last_read[0], dropped - tally.last_read[1]
+        tally.last_read = (seen, dropped)
+        if not math.isfinite(value) or 0 < new_seen == new_dropped:
+            what = f"became {value}" if not math.isfinite(value) else "overflowed (inf/NaN) in every batch"
             raise FoldkitError(
-                f"{self.label}: the training loss became {value} in epoch {epoch}, between optimizer "
-                f"steps {good + 1} and {self.step}. Training stopped; the checkpoints saved before "
-                f"are kept as they were. {self.way_out()}"
+                f"{self.label}: the training loss {what} in epoch {epoch}, between optimizer steps "
+                f"{good + 1} and {self.step}. Training stopped; the checkpoints saved before are kept "
+                f"as they were. {self.way_out()}"
             )
-        return value, seen_all
+        if new_dropped:
+            log.warning(
+                "%s: the fp16 loss overflowed on %d of %d images in epoch %d, between optimizer steps %d "
+                "and %d; the loss scaler skipped those steps, and the epoch's loss leaves them out",
+                self.label, new_dropped, new_seen, epoch, good + 1, self.step,
+            )  # fmt: skip
+        return value, seen, dropped
 
     def check_weights(self, epoch: int) -> None:
         """Refuse to go on (and so to save) with NaN/inf weights: a finite loss can still be followed
@@ -946,7 +994,7 @@ def _epochs(
             progress.best_score, progress.best_epoch, progress.stale = score, epoch, 0
         else:
             progress.stale += 1
-        progress = replace(progress, epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0)
+        progress = replace(progress, epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0, dropped=0)
         # last.pt first: a kill before best.pt is written is mended from it (resume.best_to_restore)
         _save_last(trainer, last, payload, progress)
         if improved:

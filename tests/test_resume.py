@@ -238,6 +238,77 @@ def test_nan_loss_stops_the_fold_naming_it_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / OOF).exists()
 
 
+def _fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train as under fp16 on a GPU: a GradScaler that skips overflowed steps (autocast stays off on
+    the CPU, so the arithmetic is fp32's; the overflow comes from the forward hook)."""
+    import foldkit.train
+
+    monkeypatch.setattr(foldkit.train, "amp_dtype", lambda cfg, device: torch.float16)
+
+
+def test_an_fp16_overflow_is_skipped_not_a_stop(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """One batch's loss overflows: GradScaler skips its step, the epoch's loss leaves it out, the fold
+    finishes (stopping would stop it for good: a resume replays the same batch)."""
+    _fp16(monkeypatch)
+    _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n == 3 else out)
+    args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "2", "--batch", "4"]
+    assert train_tiny(tiny_data, tmp_path, *args) == 0
+    err = capsys.readouterr().err
+    assert (
+        "test_efficientnet fold 0: the fp16 loss overflowed on 4 of 20 images in epoch 1, between "
+        "optimizer steps 1 and 5; the loss scaler skipped those steps" in err
+    )
+    history = pd.read_csv(tmp_path / RUN / "history.csv")
+    assert np.isfinite(history.train_loss).all() and len(history) == 2
+    last = load_checkpoint(tmp_path / RUN / "last.pt")
+    assert last["scaler"]["scale"] == 2.0**15  # halved once, by the overflowed step
+    assert (tmp_path / OOF).is_file()
+
+
+def test_an_fp16_overflow_before_a_mid_epoch_save_is_resumed_with_its_count(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The saved progress carries the overflowed images: the resumed epoch's loss is the uninterrupted
+    one's (a resume that lost the count would divide by all 20 images, not 16)."""
+    _fp16(monkeypatch)
+    state = {"overflow": True, "interrupt": False}
+
+    def effect(n: int, out: torch.Tensor) -> torch.Tensor:
+        if state["interrupt"] and n == 4:  # epoch 1, batch 4: after the save at batch 2
+            raise KeyboardInterrupt
+        return out * float("inf") if state["overflow"] and n == 1 else out
+
+    _patch_train_forward(monkeypatch, effect)
+    args = [*RESUME_ARGS, "--epochs", "2", "--save-every", "2"]
+    assert train_tiny(tiny_data, tmp_path / "a", *args) == 0
+    state["interrupt"] = True
+    assert train_tiny(tiny_data, tmp_path / "b", *args) == 130
+    assert load_checkpoint(tmp_path / "b" / RUN / "last.pt")["progress"]["dropped"] == 4
+    state.update(overflow=False, interrupt=False)  # the resumed process starts its count afresh
+    assert train_tiny(tiny_data, tmp_path / "b", *args) == 0
+    ha, hb = (pd.read_csv(tmp_path / w / RUN / "history.csv").drop(columns="img_s") for w in ("a", "b"))
+    pd.testing.assert_frame_equal(ha, hb)
+
+
+def test_an_fp16_loss_overflowing_in_every_batch_stops_the_fold(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _fp16(monkeypatch)
+    _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n > 5 else out)
+    args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "3", "--batch", "4"]
+    assert train_tiny(tiny_data, tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "test_efficientnet fold 0: the training loss overflowed (inf/NaN) in every batch in epoch 2, "
+        "between optimizer steps 6 and 10" in err
+    )
+    assert "or --set train.amp=none" in err  # the CPU has no native bf16 to suggest
+    assert load_checkpoint(tmp_path / RUN / "last.pt")["progress"]["epoch"] == 2
+    assert not (tmp_path / OOF).exists()
+
+
 def test_out_of_memory_names_the_batch_and_the_way_out(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
