@@ -171,6 +171,9 @@ def canonical_tta(names: Sequence[str]) -> list[str]:
     """One spelling per set of TTA transforms, so that lists meaning the same predictions compare
     equal (``vflip,hflip`` and ``hflip,vflip``; nothing and ``none``; ``hflip,rot90`` and ``d4``,
     which ttach builds alike): the ensemble re-predicts its OOF only for a TTA that differs."""
+    unknown = [n for n in names if n not in TTA_NAMES]
+    if unknown:
+        raise FoldkitError(f"unknown TTA {unknown}; choose from {', '.join(TTA_NAMES)}")
     chosen = set(names) - {"none"}
     if "d4" in chosen or chosen == {"hflip", "rot90"}:
         return ["d4"]  # tta_transforms: d4 alone, whatever else is listed

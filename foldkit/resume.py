@@ -179,8 +179,11 @@ def best_to_restore(last: dict[str, Any], best: Path) -> dict[str, Any] | None:
     best_epoch = last["progress"]["best_epoch"]
     if "score" not in last or best_epoch != last.get("epoch"):
         return None  # saved mid-epoch, or the best epoch is older: its best.pt was complete before
-    if best.is_file() and load_checkpoint(best, mmap=True).get("epoch") == best_epoch:
-        return None
+    try:
+        if load_checkpoint(best, mmap=True).get("epoch") == best_epoch:
+            return None
+    except FoldkitError:  # missing or unreadable: last.pt holds what it should
+        pass
     return {k: v for k, v in last.items() if k not in _RESUME_KEYS}
 
 

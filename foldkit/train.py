@@ -16,6 +16,7 @@ rank, predictions are gathered by image index, and only rank 0 writes (``foldkit
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ from foldkit.store import FileSet, Store, open_images
 log = logging.getLogger(__name__)
 
 _SYNC_EVERY = 25  # batches between host reads of the running loss (progress bar cadence)
+_OVERFLOW_STOP = 25  # fp16 batches overflowing in a row that stop the fold: nothing is being learnt
 # Test hook: SIGKILL this process right after the given optimizer step (and any save due at it), so
 # the resume tests kill a real run at an exact point. Never set outside tests.
 _KILL_ENV = "FOLDKIT_TEST_KILL_AT_STEP"
@@ -224,28 +226,36 @@ class _LossTally:
     """An epoch's running training loss, summed on the device and read back (a host sync) only at
     the progress bar's cadence: a per-step ``.item()`` would stall the GPU queue.
 
-    Under fp16 a batch's loss can overflow (inf/NaN) while the weights stay sound: GradScaler skips
+    Under fp16 a batch's loss can overflow (inf/NaN) where nothing else is harmed: GradScaler skips
     that optimizer step and lowers its scale. Stopping the fold there would stop it for good, since a
-    resume replays the same batch. So under fp16 such a batch is left out of the sum and counted; a
-    read in which every batch overflowed is a diverged run and stops the fold. In bf16 and fp32 a
+    resume replays the same batch. So under fp16 such a batch is left out of the sum and counted;
+    ``_OVERFLOW_STOP`` overflowed batches in a row are a diverged run and stop the fold, and so does
+    a BatchNorm whose running statistics took the overflow (``check_weights``). In bf16 and fp32 a
     NaN/inf loss always stops it."""
 
-    def __init__(self, device: torch.device, progress: Progress, carried: bool, fp16: bool) -> None:
+    def __init__(
+        self, device: torch.device, progress: Progress, carried: bool, streak: torch.Tensor | None
+    ) -> None:
+        """``streak``: the trainer's count of fp16 batches overflowed in a row (None: not fp16)."""
         # under DDP rank 0 carries the resumed part of the epoch; every rank adds its own batches
         self.total = torch.tensor(progress.loss_sum if carried else 0.0, dtype=torch.float32, device=device)
-        dropped = float(progress.dropped if carried else 0)
-        self.dropped = torch.tensor(dropped, dtype=torch.float32, device=device) if fp16 else None
         self.seen = progress.seen if carried else 0
-        self.last_read = (progress.seen, progress.dropped)  # (images, dropped) at the last read, all ranks
+        # overflowed images before the resume: kept whatever this run's precision (auto resolves per GPU)
+        self.carried_dropped = progress.dropped if carried else 0
+        zero = functools.partial(torch.zeros, (), dtype=torch.float32, device=device)
+        self.dropped = zero() if streak is not None else None  # this pass's overflowed images
+        self.streak = streak  # overflowed batches in a row, up to the last one, across epochs
+        self.last_read = (progress.seen, progress.dropped)  # (images, overflowed), summed over ranks
 
     def add(self, loss: torch.Tensor, n: int) -> None:
         loss = loss.detach()
-        if self.dropped is None:
+        if self.dropped is None or self.streak is None:
             self.total += loss * n
         else:
             bad = ~torch.isfinite(loss)
             self.total += torch.where(bad, 0.0, loss * n)
             self.dropped += bad * n
+            self.streak.add_(1).mul_(bad)
         self.seen += n
 
 
@@ -266,6 +276,8 @@ class _Trainer:
     label: str = ""  # "<backbone> fold <k>", for error messages
     kill_at: int | None = None  # test hook (_KILL_ENV)
     ddp: nn.Module | None = None  # ``model`` inside DistributedDataParallel under torchrun
+    # fp16: batches whose loss overflowed in a row, carried across epochs (see _LossTally)
+    overflow_streak: torch.Tensor | None = None
 
     @property
     def net(self) -> nn.Module:
@@ -309,7 +321,9 @@ class _Trainer:
         loader.batch_sampler.set_epoch(epoch, first)
         n_batches = len(loader) if tc.max_train_batches is None else min(len(loader), tc.max_train_batches)
         carried = distributed.is_main()
-        tally = _LossTally(self.device, progress, carried, self.scaler.is_enabled())
+        if self.scaler.is_enabled() and self.overflow_streak is None:
+            self.overflow_streak = torch.zeros((), dtype=torch.float32, device=self.device)
+        tally = _LossTally(self.device, progress, carried, self.overflow_streak)
         fresh, good, start = 0, self.step, time.perf_counter()
         next_save = (first // save_every + 1) * save_every if save and save_every else None
         bar = tqdm(
@@ -346,11 +360,12 @@ class _Trainer:
                 next_save = ((i + 1) // save_every + 1) * save_every
             if stepped and self.step == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        loss_sum, seen_all, dropped = self._sums(tally)  # syncs, so the rate below counts finished work
+        loss_sum, seen_all, dropped, _ = self._sums(tally)  # syncs, so the rate below counts finished work
         self.check_weights(epoch)
         fresh_all = seen_all - progress.seen  # rank 0 carried the resumed part; every rank added its own
         rate = fresh_all / max(1e-9, time.perf_counter() - start)
-        return loss_sum / max(1, seen_all - dropped), rate, seen_all
+        counted = seen_all - dropped  # under fp16, the images whose loss did not overflow
+        return loss_sum / counted if counted else math.nan, rate, seen_all
 
     def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, group: int = 1) -> torch.Tensor:
         """One batch's forward under autocast and its scaled backward; returns the loss. ``group``:
@@ -362,30 +377,38 @@ class _Trainer:
         self.scaler.scale(loss / group if group > 1 else loss).backward()
         return loss
 
-    def _sums(self, tally: _LossTally) -> tuple[float, int, int]:
-        """(loss sum, images, images of overflowed fp16 batches) so far, summed over the ranks under
-        DDP; reading them syncs."""
+    def _sums(self, tally: _LossTally) -> tuple[float, int, int, bool]:
+        """(loss sum, images, overflowed images, whether ``_OVERFLOW_STOP`` batches overflowed in a
+        row) so far, summed over the ranks under DDP (where one rank's streak stops them all);
+        reading them syncs."""
         if distributed.world_size() == 1:
-            if tally.dropped is None:
-                return float(tally.total.item()), tally.seen, 0
-            both = torch.stack([tally.total, tally.dropped]).cpu()
-            return float(both[0]), tally.seen, int(both[1])
-        dropped = tally.dropped if tally.dropped is not None else torch.zeros((), device=self.device)
+            if tally.dropped is None or tally.streak is None:
+                return float(tally.total.item()), tally.seen, tally.carried_dropped, False
+            read = torch.stack([tally.total, tally.dropped, tally.streak]).cpu()
+            dropped_all = tally.carried_dropped + int(read[1])
+            return float(read[0]), tally.seen, dropped_all, float(read[2]) >= _OVERFLOW_STOP
+        zero = torch.zeros((), device=self.device)
+        dropped = zero if tally.dropped is None else tally.dropped
+        long = zero if tally.streak is None else (tally.streak >= _OVERFLOW_STOP).float()
         seen = torch.tensor(float(tally.seen), dtype=torch.float64, device=self.device)
-        parts = [t.to(self.device, torch.float64) for t in (tally.total, seen, dropped)]
+        dropped = dropped + tally.carried_dropped
+        parts = [t.to(self.device, torch.float64) for t in (tally.total, seen, dropped, long)]
         summed = distributed.all_sum(torch.stack(parts)).cpu()
-        return float(summed[0]), int(summed[1]), int(summed[2])
+        return float(summed[0]), int(summed[1]), int(summed[2]), bool(summed[3] > 0)
 
     def _checked_sums(self, tally: _LossTally, epoch: int, good: int) -> tuple[float, int, int]:
         """Read the running loss back (a host sync; under DDP summed over the ranks, so all of them
-        stop together); stop the fold on NaN/inf, or under fp16 when every batch since the last read
-        overflowed (see ``_LossTally``). The bad step lies after ``good``, the step of the last good
-        read."""
-        value, seen, dropped = self._sums(tally)
+        stop together); stop the fold on NaN/inf, or under fp16 on a diverged run (see
+        ``_LossTally``). The bad step lies after ``good``, the step of the last good read."""
+        value, seen, dropped, diverged = self._sums(tally)
         new_seen, new_dropped = seen - tally.last_read[0], dropped - tally.last_read[1]
         tally.last_read = (seen, dropped)
-        if not math.isfinite(value) or 0 < new_seen == new_dropped:
-            what = f"became {value}" if not math.isfinite(value) else "overflowed (inf/NaN) in every batch"
+        if not math.isfinite(value) or diverged:
+            what = (
+                f"became {value}"
+                if not math.isfinite(value)
+                else (f"overflowed (inf/NaN) in {_OVERFLOW_STOP} batches in a row")
+            )
             raise FoldkitError(
                 f"{self.label}: the training loss {what} in epoch {epoch}, between optimizer steps "
                 f"{good + 1} and {self.step}. Training stopped; the checkpoints saved before are kept "
@@ -397,18 +420,23 @@ class _Trainer:
                 "and %d; the loss scaler skipped those steps, and the epoch's loss leaves them out",
                 self.label, new_dropped, new_seen, epoch, good + 1, self.step,
             )  # fmt: skip
+            self.check_weights(epoch)  # a BatchNorm that took the overflow keeps inf/NaN statistics
         return value, seen, dropped
 
     def check_weights(self, epoch: int) -> None:
-        """Refuse to go on (and so to save) with NaN/inf weights: a finite loss can still be followed
-        by an update that breaks them (an overflowing gradient)."""
-        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
-        if not bool(finite):
-            raise FoldkitError(
-                f"{self.label}: the weights became NaN/inf in epoch {epoch}, by optimizer step "
-                f"{self.step}. Training stopped; the checkpoints saved before are kept as they were. "
-                f"{self.way_out()}"
-            )
+        """Refuse to go on (and so to save) with NaN/inf weights or running statistics: a finite loss
+        can still be followed by an update that breaks the weights (an overflowing gradient), and an
+        fp16 forward overflow that the loss scaler skipped leaves a BatchNorm's statistics inf/NaN."""
+        tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        floats = {k: t.detach() for k, t in tensors.items() if t.is_floating_point()}
+        if bool(torch.stack([t.isfinite().all() for t in floats.values()]).all()):
+            return
+        bad = [k for k, t in floats.items() if not bool(t.isfinite().all())]
+        raise FoldkitError(
+            f"{self.label}: the weights became NaN/inf in epoch {epoch}, by optimizer step {self.step} "
+            f"({', '.join(listed(bad, 3))}). Training stopped; the checkpoints saved before are kept "
+            f"as they were. {self.way_out()}"
+        )
 
     def way_out(self) -> str:
         """What to try after a NaN/inf: fp16 overflows past 65,504, so leave it for bf16 where the GPU
@@ -720,7 +748,8 @@ def _restore_best(last: dict[str, Any], paths: RunPaths, label: str) -> None:
     if restored is not None:
         _save_checkpoint(paths.model_dir / "best.pt", restored)
         log.warning(
-            "%s: best.pt restored from last.pt (epoch %d): the run had stopped between the two saves",
+            "%s: best.pt restored from last.pt (epoch %d, the best epoch it records): the run had "
+            "stopped before best.pt was saved",
             label, restored["epoch"],
         )  # fmt: skip
 

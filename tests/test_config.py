@@ -22,6 +22,7 @@ from foldkit.config import (
     save_config,
     to_dict,
 )
+from foldkit.io import FoldkitError
 from foldkit.predict import tta_transforms
 from foldkit.train import _Trainer, amp_dtype
 
@@ -252,6 +253,11 @@ def test_nan_advice_names_the_precision_this_gpu_has(
     text = _Trainer.way_out(trainer)  # type: ignore[arg-type]
     assert text.startswith("Try a lower train.lr or train.grad_clip")
     assert (advice in text) if advice else ("train.amp" not in text)
+
+
+def test_canonical_tta_refuses_an_unknown_name() -> None:
+    with pytest.raises(FoldkitError, match=r"unknown TTA \['hflp'\]"):
+        canonical_tta(["hflp"])
 
 
 @pytest.mark.parametrize(

@@ -267,11 +267,16 @@ def test_an_fp16_overflow_is_skipped_not_a_stop(
     assert (tmp_path / OOF).is_file()
 
 
+@pytest.mark.parametrize("resume_fp16", [True, False])
 def test_an_fp16_overflow_before_a_mid_epoch_save_is_resumed_with_its_count(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, resume_fp16: bool
 ) -> None:
     """The saved progress carries the overflowed images: the resumed epoch's loss is the uninterrupted
-    one's (a resume that lost the count would divide by all 20 images, not 16)."""
+    one's (a resume that lost the count would divide by all 20 images, not 16), also where the
+    resumed run is not fp16 (``amp: auto`` on another GPU)."""
+    import foldkit.train
+
+    real_amp = foldkit.train.amp_dtype
     _fp16(monkeypatch)
     state = {"overflow": True, "interrupt": False}
 
@@ -287,25 +292,78 @@ def test_an_fp16_overflow_before_a_mid_epoch_save_is_resumed_with_its_count(
     assert train_tiny(tiny_data, tmp_path / "b", *args) == 130
     assert load_checkpoint(tmp_path / "b" / RUN / "last.pt")["progress"]["dropped"] == 4
     state.update(overflow=False, interrupt=False)  # the resumed process starts its count afresh
+    if not resume_fp16:
+        monkeypatch.setattr(foldkit.train, "amp_dtype", real_amp)
+    capsys.readouterr()
     assert train_tiny(tiny_data, tmp_path / "b", *args) == 0
+    assert "overflowed" not in capsys.readouterr().err
     ha, hb = (pd.read_csv(tmp_path / w / RUN / "history.csv").drop(columns="img_s") for w in ("a", "b"))
     pd.testing.assert_frame_equal(ha, hb)
 
 
-def test_an_fp16_loss_overflowing_in_every_batch_stops_the_fold(
+def test_an_fp16_loss_overflowing_batch_after_batch_stops_the_fold(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
+    import foldkit.train
+
     _fp16(monkeypatch)
+    monkeypatch.setattr(foldkit.train, "_OVERFLOW_STOP", 8)  # 25 in use; 5 batches an epoch here
     _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n > 5 else out)
     args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "3", "--batch", "4"]
     assert train_tiny(tiny_data, tmp_path, *args) == 2
     err = capsys.readouterr().err
     assert (
-        "test_efficientnet fold 0: the training loss overflowed (inf/NaN) in every batch in epoch 2, "
-        "between optimizer steps 6 and 10" in err
-    )
+        "test_efficientnet fold 0: the training loss overflowed (inf/NaN) in 8 batches in a row in epoch "
+        "3, between optimizer steps 11 and 15" in err
+    )  # the count runs on across epochs: 5 in epoch 2, 10 by the read at the end of epoch 3
     assert "or --set train.amp=none" in err  # the CPU has no native bf16 to suggest
-    assert load_checkpoint(tmp_path / RUN / "last.pt")["progress"]["epoch"] == 2
+    assert load_checkpoint(tmp_path / RUN / "last.pt")["progress"]["epoch"] == 3
+    # epoch 2 trained on no batch at all: its loss is not a number, not 0
+    assert np.isnan(pd.read_csv(tmp_path / RUN / "history.csv").train_loss[1])
+    assert not (tmp_path / OOF).exists()
+
+
+def test_a_lone_fp16_overflow_in_a_short_read_window_is_skipped_too(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """--save-every 4 reads the loss at batch 4 and again at batch 5: batch 5 alone overflowing is one
+    batch, not a diverged run."""
+    _fp16(monkeypatch)
+    _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n == 5 else out)
+    args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "2", "--batch", "4"]
+    args += ["--save-every", "4"]
+    assert train_tiny(tiny_data, tmp_path, *args) == 0
+    assert "the fp16 loss overflowed on 4 of 4 images in epoch 1" in capsys.readouterr().err
+    assert (tmp_path / OOF).is_file()
+
+
+def test_an_fp16_overflow_that_reached_a_batchnorm_stops_the_fold_naming_it(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """An overflow before a BatchNorm leaves its running statistics inf/NaN for good: the loss
+    scaler's skip cannot mend that, so the fold stops at that read, naming the buffers."""
+    import foldkit.train
+
+    _fp16(monkeypatch)
+    real = foldkit.train.create_model
+
+    def create(cfg, backbone, *args, **kwargs):
+        model = real(cfg, backbone, *args, **kwargs)
+        calls = [0]
+
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+            calls[0] += module.training
+            return output * float("inf") if module.training and calls[0] == 3 else output
+
+        model.conv_stem.register_forward_hook(hook)  # the convolution before bn1
+        return model
+
+    monkeypatch.setattr(foldkit.train, "create_model", create)
+    args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "2", "--batch", "4"]
+    assert train_tiny(tiny_data, tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert "the fp16 loss overflowed on 4 of 20 images in epoch 1" in err
+    assert "test_efficientnet fold 0: the weights became NaN/inf in epoch 1, by optimizer step 5 (bn1." in err
     assert not (tmp_path / OOF).exists()
 
 
@@ -460,7 +518,26 @@ def test_a_stop_between_the_last_and_the_best_save_is_mended_on_resume(
     assert train_tiny(tiny_data, tmp_path, *RESUME_ARGS) == 0
     assert load_checkpoint(best)["epoch"] == best_epoch
     _assert_same_run(tmp_path, uninterrupted)
-    assert f"best.pt restored from last.pt (epoch {best_epoch})" in capsys.readouterr().err
+    restored = f"best.pt restored from last.pt (epoch {best_epoch}, the best epoch it records)"
+    assert restored in capsys.readouterr().err
+
+
+def test_best_to_restore_only_where_last_names_an_epoch_best_pt_lacks(tmp_path: Path) -> None:
+    from foldkit.resume import best_to_restore
+
+    last = {"epoch": 2, "score": 0.5, "model": {"w": torch.ones(1)}, "step": 10, "rng": {}, "optimizer": {},
+            "progress": {"epoch": 3, "batch": 0, "best_epoch": 2}}  # fmt: skip
+    best = tmp_path / "best.pt"
+    assert best_to_restore(last, best) == {"epoch": 2, "score": 0.5, "model": {"w": torch.ones(1)}}  # none
+    best.write_bytes(b"PK\x03\x04 cut short")  # unreadable: restored, not a failed resume
+    assert best_to_restore(last, best) is not None
+    torch.save({"epoch": 2, "model": {}, "config": {}}, best)
+    assert best_to_restore(last, best) is None  # right already
+    torch.save({"epoch": 1, "model": {}, "config": {}}, best)
+    assert best_to_restore(last, best) is not None
+    mid_epoch = {**last, "progress": {**last["progress"], "best_epoch": 1}}
+    assert best_to_restore(mid_epoch, best) is None  # the best epoch is older: best.pt was saved then
+    assert best_to_restore({k: v for k, v in last.items() if k != "score"}, best) is None  # a mid-epoch save
 
 
 def test_a_key_added_later_counts_as_its_default_and_the_process_count_must_match(tmp_path: Path) -> None:
