@@ -111,10 +111,12 @@ def predict_probs(
     out = gather_by_index(idx_all, local, len(loader.dataset), desc)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
-        raise FoldkitError(
-            f"{desc}: the model produced NaN/inf for {bad} of {len(out)} images (diverged "
-            "training? try a lower lr, amp=bf16 or grad_clip)"
+        why = (
+            "fp16 overflows past 65,504: try --set train.amp=none, or bf16 on a GPU that has it natively"
+            if amp_dtype == torch.float16
+            else "diverged training? try a lower train.lr or train.grad_clip"
         )
+        raise FoldkitError(f"{desc}: the model produced NaN/inf for {bad} of {len(out)} images ({why})")
     return out
 
 

@@ -839,3 +839,28 @@ def test_a_file_where_the_store_folder_should_be_is_an_error_not_a_hang(data: Pa
     (tmp_path / "store/trainval-32x32").write_text("not a folder")
     with pytest.raises(FoldkitError, match=r"cannot use .*trainval-32x32 for the image store"):
         ensure_store(data, tmp_path, read_trainval(data), "trainval")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "advice"),
+    [(torch.float16, "fp16 overflows past 65,504: try --set train.amp=none"), (None, "diverged training?")],
+)
+def test_nan_predictions_are_named_with_advice_for_the_precision(
+    data: Path, dtype: torch.dtype | None, advice: str
+) -> None:
+    """A model that outputs inf is named, with fp16's own way out under fp16 (on the CPU autocast is
+    off, so the dtype only chooses the message)."""
+    from foldkit.predict import predict_probs
+
+    index = read_trainval(data)
+    src = FileSource(data, index.path.tolist(), (32, 32))
+    dl = eval_loader(src, 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 16, 0, torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(1))
+    model(torch.zeros(1, 3, 32, 32))
+    torch.nn.init.constant_(model[1].bias, float("nan"))
+    with pytest.raises(FoldkitError, match=f"validate: the model produced NaN/inf for {len(index)} of"):
+        try:
+            predict_probs(model, dl, torch.device("cpu"), (), dtype, desc="validate")
+        except FoldkitError as exc:
+            assert advice in str(exc)
+            raise
