@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -238,12 +239,14 @@ def test_nan_loss_stops_the_fold_naming_it_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / OOF).exists()
 
 
-def _fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fp16(monkeypatch: pytest.MonkeyPatch, overflow: Callable[[int], bool] | None = None) -> None:
     """Train as under fp16 on a GPU: a GradScaler that skips overflowed steps (autocast stays off on
-    the CPU, so the arithmetic is fp32's; the overflow comes from the forward hook)."""
+    the CPU, so the arithmetic is fp32's). ``overflow(n)``: the n-th training forward outputs inf."""
     import foldkit.train
 
     monkeypatch.setattr(foldkit.train, "amp_dtype", lambda cfg, device: torch.float16)
+    if overflow is not None:
+        _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if overflow(n) else out)
 
 
 def test_an_fp16_overflow_is_skipped_not_a_stop(
@@ -251,8 +254,7 @@ def test_an_fp16_overflow_is_skipped_not_a_stop(
 ) -> None:
     """One batch's loss overflows: GradScaler skips its step, the epoch's loss leaves it out, the fold
     finishes (stopping would stop it for good: a resume replays the same batch)."""
-    _fp16(monkeypatch)
-    _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n == 3 else out)
+    _fp16(monkeypatch, lambda n: n == 3)
     args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "2", "--batch", "4"]
     assert train_tiny(tiny_data, tmp_path, *args) == 0
     err = capsys.readouterr().err
@@ -306,9 +308,8 @@ def test_an_fp16_loss_overflowing_batch_after_batch_stops_the_fold(
 ) -> None:
     import foldkit.train
 
-    _fp16(monkeypatch)
+    _fp16(monkeypatch, lambda n: n > 5)
     monkeypatch.setattr(foldkit.train, "_OVERFLOW_STOP", 8)  # 25 in use; 5 batches an epoch here
-    _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n > 5 else out)
     args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "3", "--batch", "4"]
     assert train_tiny(tiny_data, tmp_path, *args) == 2
     err = capsys.readouterr().err
@@ -328,8 +329,7 @@ def test_a_lone_fp16_overflow_in_a_short_read_window_is_skipped_too(
 ) -> None:
     """--save-every 4 reads the loss at batch 4 and again at batch 5: batch 5 alone overflowing is one
     batch, not a diverged run."""
-    _fp16(monkeypatch)
-    _patch_train_forward(monkeypatch, lambda n, out: out * float("inf") if n == 5 else out)
+    _fp16(monkeypatch, lambda n: n == 5)
     args = ["--model", "test_efficientnet", "--fold", "0", "--epochs", "2", "--batch", "4"]
     args += ["--save-every", "4"]
     assert train_tiny(tiny_data, tmp_path, *args) == 0
