@@ -124,6 +124,11 @@ def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` (no autocast): what a run computes in, for logs and checkpoints."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[arg-type]
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` has bf16 tensor cores (compute capability 8.0 on: Ampere, Ada, Hopper; ROCm).
 
@@ -842,20 +847,12 @@ def _train_fold(
         trainer.model = trainer.ddp.module  # SyncBatchNorm may have replaced a root module
         _log_ddp(cfg, label, len(train_df), steps)
     log.info(
-        "%s: %d train / %d val images, %d params, device %s, amp %s, run seed %d (base seed %d)",
-        label, len(train_df), len(val_df), count_params(model), device, trainer.dtype, seed, cfg.seed,
+        "%s: %d train / %d val images, %d params, device %s, precision %s, run seed %d (base seed %d)",
+        label, len(train_df), len(val_df), count_params(model), device, precision_name(trainer.dtype), seed,
+        cfg.seed,
     )  # fmt: skip
-    if ckpt is not None and ckpt.get("run_seed", cfg.seed) != seed:
-        log.warning(
-            "%s: %s was trained with seed %s, this foldkit derives run seed %d: the rest of the run "
-            "sees another batch order and augmentation stream (--no-resume starts it over)",
-            label, paths.model_dir / "last.pt", ckpt.get("run_seed", cfg.seed), seed,
-        )  # fmt: skip
     if ckpt is not None:
-        log.info(
-            "%s: resuming from %s at epoch %d, batch %d (optimizer step %d)",
-            label, paths.model_dir / "last.pt", progress.epoch, progress.batch, trainer.step,
-        )  # fmt: skip
+        _log_resume(ckpt, trainer, progress, paths.model_dir / "last.pt", seed)
     base = {
         "backbone": backbone,
         "fold": fold,
@@ -868,6 +865,7 @@ def _train_fold(
         "foldkit_version": __version__,
         "run_seed": seed,
         "world_size": distributed.world_size(),
+        "precision": precision_name(trainer.dtype),  # what amp resolved to on this GPU
     }
     try:
         if device.type == "cuda":
@@ -882,6 +880,29 @@ def _train_fold(
     except (torch.OutOfMemoryError, ValueError) as exc:
         raise _training_error(exc, cfg, label) from None
     return best_epoch, best_score
+
+
+def _log_resume(ckpt: dict[str, Any], trainer: _Trainer, progress: Progress, last: Path, seed: int) -> None:
+    """Say where a fold resumes, and what differs from the run it continues that the settings do not
+    show: the run seed a newer foldkit derives, and the precision ``amp: auto`` resolves to on this
+    GPU (bf16 on an A100, fp16 on a T4)."""
+    label, saved_seed = trainer.label, ckpt.get("run_seed", trainer.cfg.seed)
+    if saved_seed != seed:
+        log.warning(
+            "%s: %s was trained with seed %s, this foldkit derives run seed %d: the rest of the run "
+            "sees another batch order and augmentation stream (--no-resume starts it over)",
+            label, last, saved_seed, seed,
+        )  # fmt: skip
+    saved, now = ckpt.get("precision"), precision_name(trainer.dtype)
+    if saved is not None and saved != now:
+        log.warning(
+            "%s: %s was trained in %s, the rest of the run trains in %s (train.amp %s on this device)",
+            label, last, saved, now, trainer.cfg.train.amp,
+        )  # fmt: skip
+    log.info(
+        "%s: resuming from %s at epoch %d, batch %d (optimizer step %d)",
+        label, last, progress.epoch, progress.batch, trainer.step,
+    )  # fmt: skip
 
 
 def _log_ddp(cfg: RunConfig, label: str, n_train: int, steps: int) -> None:

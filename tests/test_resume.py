@@ -298,7 +298,10 @@ def test_an_fp16_overflow_before_a_mid_epoch_save_is_resumed_with_its_count(
         monkeypatch.setattr(foldkit.train, "amp_dtype", real_amp)
     capsys.readouterr()
     assert train_tiny(tiny_data, tmp_path / "b", *args) == 0
-    assert "overflowed" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "overflowed" not in err
+    switched = "last.pt was trained in fp16, the rest of the run trains in fp32 (train.amp auto on this"
+    assert (switched in err) != resume_fp16  # said where amp resolved otherwise
     ha, hb = (pd.read_csv(tmp_path / w / RUN / "history.csv").drop(columns="img_s") for w in ("a", "b"))
     pd.testing.assert_frame_equal(ha, hb)
 
