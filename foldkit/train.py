@@ -409,11 +409,8 @@ class _Trainer:
         new_seen, new_dropped = seen - tally.last_read[0], dropped - tally.last_read[1]
         tally.last_read = (seen, dropped)
         if not math.isfinite(value) or diverged:
-            what = (
-                f"became {value}"
-                if not math.isfinite(value)
-                else (f"overflowed (inf/NaN) in {_OVERFLOW_STOP} batches in a row")
-            )
+            overflowed = f"overflowed (inf/NaN) in {_OVERFLOW_STOP} batches in a row"
+            what = overflowed if diverged else f"became {value}"
             raise FoldkitError(
                 f"{self.label}: the training loss {what} in epoch {epoch}, between optimizer steps "
                 f"{good + 1} and {self.step}. Training stopped; the checkpoints saved before are kept "
