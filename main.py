@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from foldkit.config import (
     load_config,
     parse_override,
 )
-from foldkit.io import FoldkitError, listed
+from foldkit.io import FoldkitError, listed, script
 from foldkit.preflight import check_models, preflight
 from foldkit.scheduler import follow_parent
 
@@ -358,13 +359,15 @@ def jobs_workers(slots: int) -> int:
     return max(1, (os.cpu_count() or 1) // slots)
 
 
-def resolve_checkpoint(name: str, work_dir: Path) -> Path:
+def resolve_checkpoint(name: str, work_dir: Path, data_dir: Path = Path("data")) -> Path:
     """The path as given; else a clear error listing the checkpoints foldkit wrote under models/."""
     path = Path(name)
     if path.is_file():
         return path
     found = sorted((work_dir / "models").rglob("best.pt"))  # last.pt: unfinished or last-epoch weights
-    listing = "\n  ".join(listed([str(f) for f in found])) or "(none: train first with python main.py)"
+    folders = ["--data-dir", str(data_dir), "--work-dir", str(work_dir)]
+    train = shlex.join(["python", script("main.py"), *folders])
+    listing = "\n  ".join(listed([str(f) for f in found])) or f"(none: train first with {train})"
     raise FoldkitError(
         f"--model_name {name}: file not found. Best checkpoints under {work_dir / 'models'}:\n  {listing}"
     )
@@ -405,7 +408,7 @@ def test(args: argparse.Namespace) -> int:
     ] + (["--config"] if args.config != "configs/default.yaml" else [])
     if ignored:
         log.warning("test mode uses the checkpoint's own config; ignoring %s", ", ".join(ignored))
-    ckpt = load_checkpoint(resolve_checkpoint(args.model_name, args.work_dir))
+    ckpt = load_checkpoint(resolve_checkpoint(args.model_name, args.work_dir, args.data_dir))
     cfg = from_dict(ckpt["config"], f"{args.model_name}: ")
     test_df = read_test(args.data_dir)
     device = resolve_device(args.device or "auto")

@@ -23,7 +23,7 @@ import pandas as pd
 from foldkit import PROJECT_ROOT
 from foldkit.config import canonical_tta, from_dict, load_config, to_dict
 from foldkit.data import files_hash, read_test, read_trainval, warn_test_overlap
-from foldkit.io import FoldkitError, atomic_write_text
+from foldkit.io import FoldkitError, atomic_write_text, script
 from foldkit.submission import label_file_names, submission_text
 
 # torch, timm, scipy, sklearn and matplotlib load where they are first needed, after check_trained: a
@@ -153,7 +153,7 @@ def config_arg(work_dir: Path, exp: str) -> str:
 def train_command(opts: Options, exp: str, fold: str = "all", model: str | None = None) -> str:
     """The ``main.py`` command that trains ``exp`` (its config, this data and work folder), to paste."""
     config = config_arg(opts.work_dir, exp)
-    words = ["python", "main.py", "--config", config]
+    words = ["python", script("main.py"), "--config", config]
     words += ["--exp", exp] if Path(config).stem != exp else []
     words += ["--data-dir", str(opts.data_dir), "--work-dir", str(opts.work_dir), "--fold", fold]
     words += ["--model", model] if model else []
@@ -165,7 +165,7 @@ def retrain_command(opts: Options, m: ModelOOF, folds: list[int], like: int, for
     resolved one, overrides included), to paste. ``force``: the folds are finished with other settings,
     which ``main.py`` replaces only when told to."""
     config = m.checkpoint(opts.work_dir, like).with_name("config.yaml")
-    words = ["python", "main.py", "--config", str(config), "--exp", m.exp, "--model", m.backbone]
+    words = ["python", script("main.py"), "--config", str(config), "--exp", m.exp, "--model", m.backbone]
     words += ["--data-dir", str(opts.data_dir), "--work-dir", str(opts.work_dir)]
     return shlex.join([*words, "--fold", ",".join(map(str, folds)), *(["--force"] if force else [])])
 

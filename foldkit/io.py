@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from foldkit import PROJECT_ROOT
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -100,6 +102,17 @@ def read_json_artifact(path: Path, recover: str) -> dict[str, Any]:
 
 #: How many problems (or files) a message lists before it says how many more there are.
 MAX_LISTED = 20
+
+
+def script(name: str) -> str:
+    """How a pasteable hint names one of the project's entry points (``main.py``, ``ensemble.py``):
+    as is where the user stands in the project folder, by its full path anywhere else. (Config
+    paths in hints need no such care: ``main.py`` also looks a relative one up in the project.)"""
+    try:
+        here = Path.cwd().resolve() == PROJECT_ROOT
+    except OSError:  # the current folder was removed
+        here = False
+    return name if here else str(PROJECT_ROOT / name)  # a word for shlex.join, unquoted
 
 
 def listed(items: Sequence[str], limit: int = MAX_LISTED) -> list[str]:

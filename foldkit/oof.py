@@ -8,6 +8,7 @@ weights fitted here would not mean what they claim.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 
 from foldkit.config import FOLD_KEYS, HARMLESS_KEYS, flatten
 from foldkit.folds import load_folds
-from foldkit.io import FoldkitError, read_json_artifact
+from foldkit.io import FoldkitError, read_json_artifact, script
 from foldkit.predict import file_sha256
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def discover(work_dir: Path, exps: list[str], several: bool) -> list[ModelOOF]:
         if not root.is_dir():
             raise FoldkitError(
                 f"no OOF predictions for experiment '{exp}': {root} does not exist "
-                f"(train first: python main.py --config configs/{exp}.yaml)"
+                f"(train first: python {shlex.quote(script('main.py'))} --config configs/{exp}.yaml)"
             )
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             files = {int(f.stem[4:]): f for f in sub.glob("fold*.csv") if f.stem[4:].isdigit()}

@@ -23,6 +23,7 @@ from foldkit import PROJECT_ROOT
 from foldkit.calibrate import apply_platt
 from foldkit.cli import run
 from foldkit.data import read_test
+from foldkit.io import FoldkitError
 from foldkit.submission import read_submission
 
 PNGS = ["f1_threshold.png", "pr_curve.png", "per_fold_scores.png", "prob_hist.png", "confusion.png"]
@@ -354,6 +355,20 @@ def test_nothing_trained_says_train_first_with_the_real_command(
     assert "nothing is trained" in err and "foldkit.folds" not in err
     command = f"python main.py --config configs/default.yaml --data-dir {tiny_data} --work-dir {tmp_path}"
     assert f"{command} --fold all" in err
+
+
+def test_hints_name_main_py_by_its_path_outside_the_project(
+    tmp_path: Path, tiny_data: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from another folder, a pasted ``python main.py`` would not find the script."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--mode", "test", "--work-dir", str(tmp_path / "w"), "--data-dir", str(tiny_data)]
+    assert run(ensemble.main, argv) == 2
+    hint = shlex.split(re.search(r"train first:\n  (python .*)\n", capsys.readouterr().err).group(1))
+    assert hint[1] == str(PROJECT_ROOT / "main.py") and Path(hint[1]).is_file()
+    assert hint[2:4] == ["--config", "configs/default.yaml"]  # main.py finds it in the project
+    with pytest.raises(FoldkitError, match=r"first with python /\S+/main\.py --data-dir d --work-dir w"):
+        main.resolve_checkpoint("1.pth", Path("w"), Path("d"))
 
 
 def test_unknown_experiment_names_the_trained_ones(trained: Path, tiny_data: Path, capsys) -> None:
