@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from foldkit import PROJECT_ROOT
@@ -206,17 +207,18 @@ def train(args: argparse.Namespace) -> int:
     cfg, backbones, folds, index = preflight(  # before torch is imported: answers in a second
         lambda: config_from_args(args), args.model, args.fold, Path(args.data_dir)
     )
-    from foldkit.folds import check_group_regex, fold_settings, guard_refold
-
-    check_group_regex(index.name, cfg.data, args.work_dir, args.refold)  # before the store decodes
     from foldkit import distributed
+    from foldkit.folds import check_group_regex, fold_settings, guard_refold
     from foldkit.train import fit_fold, fold_states
 
     exp = args.exp or Path(args.config).stem
     rank = distributed.env_rank()
-    finished: dict[tuple[str, int], list[str]] = {}  # (backbone, fold) -> settings changed since
+    checks = [lambda: check_group_regex(index.name, cfg.data, args.work_dir, args.refold)]  # names only
     if rank == 0:  # under torchrun the other ranks wait in distributed.init until these exist
-        check_models(cfg, backbones, len(index), len(folds))
+        checks.append(lambda: check_models(cfg, backbones, len(index), len(folds)))
+    all_checked(checks)  # before the store decodes a single image
+    finished: dict[tuple[str, int], list[str]] = {}  # (backbone, fold) -> settings changed since
+    if rank == 0:
         guard_refold(args.work_dir, fold_settings(cfg.data), args.refold)
         images, folds_df, meta = shared_artifacts(args, cfg, index, args.refold)
         if not args.force:
@@ -351,6 +353,24 @@ def schedule(
     log.info("%d job(s) on %d device slot(s): %s", len(jobs), len(devices), ", ".join(devices))
     summarize(run_jobs(jobs, devices, Path(__file__).resolve(), cfg.device))
     return 0
+
+
+def all_checked(checks: list[Callable[[], None]]) -> None:
+    """Run every set-up check and raise one error naming each problem found: a new user on md5
+    names and an offline machine learns both fixes from one run, not one per run."""
+    errors = []
+    for check in checks:
+        try:
+            check()
+        except FoldkitError as exc:
+            errors.append(str(exc))
+    if len(errors) > 1:
+        raise FoldkitError(
+            f"{len(errors)} problems stop the run before any work:\n\n"
+            + "\n\n".join(f"{i}. {text}" for i, text in enumerate(errors, 1))
+        )
+    if errors:
+        raise FoldkitError(errors[0])
 
 
 def jobs_workers(slots: int) -> int:

@@ -705,6 +705,28 @@ def test_main_py_checks_the_group_regex_before_decoding_any_image(
     assert not (work / "store").exists() and not (work / "folds").exists()
 
 
+def test_main_py_names_every_set_up_problem_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """md5 names and unavailable pretrained weights: a new user learns both fixes from one run."""
+    from conftest import train_tiny
+
+    import foldkit.models
+
+    def offline(*args, **kwargs):
+        raise foldkit.models.PretrainedUnavailable({"test_efficientnet": "no internet"})
+
+    monkeypatch.setattr(foldkit.models, "create_model", offline)
+    md5 = [hashlib.md5(str(i).encode()).hexdigest() + ".png" for i in range(40)]
+    data, work = make_data(tmp_path, names=md5), tmp_path / "w"
+    assert train_tiny(data, work, "--set", r"data.group_regex=S\d+") == 2
+    err = capsys.readouterr().err
+    assert "2 problems stop the run before any work:" in err
+    assert "1. group_regex 'S\\d+' matches only 0 of 40 names" in err
+    assert "2. " in err and "test_efficientnet" in err and "no internet" in err
+    assert not (work / "store").exists() and not (work / "folds").exists()
+
+
 def test_main_py_reuses_folds_made_with_allow_unmatched(tmp_path: Path) -> None:
     """Folds the folds CLI built with --allow-unmatched are current for main.py with the same
     config: the early regex check must not refuse what ensure_folds would reuse."""
