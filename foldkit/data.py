@@ -255,16 +255,22 @@ def _parse_split(data_dir: Path, phase: str, problems: list[str]) -> _Split | No
     return _Split(_index_frame(names, paths, labels, phase), lines, path)
 
 
-def _list_test_folder(data_dir: Path, problems: list[str]) -> _Split | None:
-    """Index the test folder's images in natural order when it has no label file."""
+def _list_test_folder(data_dir: Path, problems: list[str], quiet: bool = False) -> _Split | None:
+    """Index the test folder's images in natural order when it has no label file (``quiet``: without
+    saying so, for a second read of it)."""
     folder = Path(data_dir) / "test"
     try:
         with os.scandir(folder) as it:
             names = [e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS]
     except (FileNotFoundError, NotADirectoryError):
+        here = (Path(data_dir) / "train").is_dir()  # the data folder is right; only test/ is missing
         problems.append(
-            f"{folder}: test folder not found (and no {label_file(data_dir, 'test')}); pass --data-dir DIR, "
-            "the folder holding train/ validate/ test/ and their label files"
+            f"{folder}: test folder not found (and no {label_file(data_dir, 'test')}); "
+            + (
+                f"put the test images in {folder}/"
+                if here
+                else "pass --data-dir DIR, the folder holding train/ validate/ test/ and their label files"
+            )
         )
         return None
     if not names:
@@ -278,22 +284,24 @@ def _list_test_folder(data_dir: Path, problems: list[str]) -> _Split | None:
     if spaced:
         return None
     names.sort(key=_natural_key)
-    logger.info("no %s; indexing the %d images in %s", label_file(data_dir, "test"), len(names), folder)
+    if not quiet:
+        logger.info("no %s; indexing the %d images in %s", label_file(data_dir, "test"), len(names), folder)
     df = _index_frame(names, [f"test/{n}" for n in names], [NO_LABEL] * len(names), "test")
     return _Split(df, list(range(1, len(names) + 1)), folder)
 
 
-def read_split(data_dir: Path, phase: str) -> pd.DataFrame:
+def read_split(data_dir: Path, phase: str, quiet: bool = False) -> pd.DataFrame:
     """Index one split: columns ``name, path, label, source`` in label-file order.
 
     ``path`` is the resolved file relative to ``data_dir`` (posix), so artifacts stay valid when the
-    data folder moves. Raises ``DataError`` listing every problem in the file.
+    data folder moves. Raises ``DataError`` listing every problem in the file. ``quiet``: no info
+    line for a test folder listed without a label file (a run that reads it twice says so once).
     """
     if phase not in PHASES:
         raise FoldkitError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
     problems: list[str] = []
     if phase == "test" and not label_file(data_dir, phase).exists():
-        split = _list_test_folder(data_dir, problems)
+        split = _list_test_folder(data_dir, problems, quiet)
     else:
         split = _parse_split(Path(data_dir), phase, problems)
     if problems or split is None:
@@ -322,9 +330,9 @@ def read_trainval(data_dir: Path) -> pd.DataFrame:
     return pd.concat([train.df, validate.df], ignore_index=True)
 
 
-def read_test(data_dir: Path) -> pd.DataFrame:
+def read_test(data_dir: Path, quiet: bool = False) -> pd.DataFrame:
     """The test split (labels ``-1``); from test_label.txt, else the folder's images in natural order."""
-    return read_split(Path(data_dir), "test")
+    return read_split(Path(data_dir), "test", quiet)
 
 
 def warn_test_overlap(trainval: pd.DataFrame, test: pd.DataFrame, examples: int = 3) -> list[str]:

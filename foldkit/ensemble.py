@@ -77,6 +77,7 @@ class Options:
     on_bad_image: str | None = None  # test images that cannot be decoded: error or skip (the fallback
     # label); None: what each checkpoint's config says (data.on_bad_image)
     stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
+    test_index: pd.DataFrame | None = field(default=None, repr=False)  # the test label file, once read
 
     @property
     def name(self) -> str:
@@ -296,7 +297,7 @@ def open_test_images(opts: Options, oof: OOFSet) -> None:
     submission. Under ``error`` a store also refuses the images it recorded earlier with skip."""
     from foldkit.predict import load_checkpoint
 
-    test_df = read_test(opts.data_dir)
+    test_df = opts.test_index = read_test(opts.data_dir)
     warn_test_overlap(oof.folds_df, test_df)  # the test set is often added after training
     for m in oof.models:  # fold 0 stands for every fold: one run trains a model's folds alike
         ckpt = load_checkpoint(_checkpoint(opts, m, 0), mmap=True)  # settings only: weights stay on disk
@@ -504,9 +505,10 @@ def predict_test(opts: Options, fitted: Fitted) -> Path:
     from foldkit.calibrate import fold_average
     from foldkit.report import method_label
 
-    if not any(split == "test" for split, *_ in opts.stores):  # fit() ran without check_test
+    if opts.test_index is None:  # fit() ran without check_test
         open_test_images(opts, fitted.oof)
-    test_df = read_test(opts.data_dir)
+    test_df = opts.test_index
+    assert test_df is not None  # open_test_images read it
     images_key = _images_key(opts.data_dir, test_df)
     # every model's OOF shares one TTA (checked in fit); other TTA predictions get their own cache
     suffix = "" if fitted.tta == _oof_tta(fitted.oof.models) else f".tta-{_tag(fitted.tta)}"

@@ -296,11 +296,9 @@ def load_oof(
     complete = [m for m in models if not gaps[m.key]]
     left_out = [m.key for m in models if gaps[m.key]] + absent
     if missing and not allow_partial:
-        raise FoldkitError(
-            "missing OOF predictions: "
-            + ", ".join(missing)
-            + "\n(train them with python main.py --fold K, or pass --allow-partial)"
-        )
+        partial = ", or pass --allow-partial" if complete else ""  # it needs one model with every fold
+        how = f"train them with python main.py --fold K{partial}"
+        raise FoldkitError(f"missing OOF predictions: {', '.join(missing)}\n({how})")
     if left_out:
         log.warning("left out (incomplete): %s", ", ".join(missing))
     if not complete:

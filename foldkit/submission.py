@@ -57,8 +57,9 @@ def write_submission(
 
 
 def label_file_names(data_dir: str | Path) -> list[str]:
-    """The test names in the test label file's order, read afresh: what a submission is checked against."""
-    return read_test(Path(data_dir)).name.tolist()
+    """The test names in the test label file's order, read afresh: what a submission is checked against.
+    Quiet: the run has said how it read the test folder already."""
+    return read_test(Path(data_dir), quiet=True).name.tolist()
 
 
 def read_submission(path: str | Path | io.StringIO) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,10 @@ def test_test_split_without_label_file_lists_images_in_natural_order(tmp_path: P
 def test_test_split_without_label_file_or_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"test folder not found.*pass --data-dir DIR"):
         read_test(tmp_path / "nothing")
+    data = make_data(tmp_path)  # the right data folder, only test/ missing: no --data-dir advice
+    shutil.rmtree(data / "test")
+    with pytest.raises(DataError, match=rf"not found.*; put the test images in {data / 'test'}/$"):
+        read_test(data)
 
 
 def test_listed_test_names_with_spaces_are_refused_up_front(tmp_path: Path) -> None:

@@ -399,6 +399,16 @@ def test_missing_fold_hint_is_a_command_that_trains_exactly_that_fold(
     assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 0
 
 
+def test_allow_partial_is_offered_only_where_a_model_has_every_fold(
+    trained_copy: Path, tiny_data: Path, capsys
+) -> None:
+    for csv in trained_copy.glob("oof/demo/*/fold1.csv"):
+        csv.unlink()  # no model has every fold: --allow-partial would only fail next
+    assert _ensemble(trained_copy, tiny_data, "--mode", "val") == 2
+    err = capsys.readouterr().err
+    assert "missing OOF predictions" in err and "--allow-partial" not in err
+
+
 def test_hint_names_the_shipped_config_when_the_run_used_it_unchanged(
     trained_copy: Path, tiny_data: Path
 ) -> None:
@@ -479,6 +489,17 @@ def test_test_mode_warns_about_test_names_also_in_train(
         fh.write(f"{name}\n")
     assert _ensemble(trained_copy, data, "--mode", "test") == 0
     assert f"1 of 13 test names also appear in train/validate (e.g. {name})" in capsys.readouterr().err
+
+
+def test_test_mode_without_a_test_label_file_lists_the_folder_once(
+    trained_copy: Path, tiny_data: Path, tmp_path: Path, capsys
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "test/test_label.txt").unlink()
+    assert _ensemble(trained_copy, data, "--mode", "test") == 0
+    assert capsys.readouterr().err.count("test_label.txt; indexing the") == 1
+    assert len((trained_copy / "submissions/demo/prediction.txt").read_text().splitlines()) == 12
 
 
 def test_an_experiment_listed_twice_is_refused(trained_copy: Path, tiny_data: Path, capsys) -> None:
