@@ -233,6 +233,7 @@ def _parse_split(data_dir: Path, phase: str, problems: list[str]) -> _Split | No
     # split("\n"), not splitlines(): that also breaks at U+2028, \x0c, \x1c-\x1e and \x85, which can
     # sit inside a name, and every later line number would then differ from an editor's or grep -n's
     # (read_text has already turned \r\n and \r into \n)
+    first = True  # the first non-blank line: where a header would be
     for lineno, raw in enumerate(text.split("\n"), start=1):
         fields = raw.split()
         if not fields:
@@ -241,6 +242,9 @@ def _parse_split(data_dir: Path, phase: str, problems: list[str]) -> _Split | No
         resolved = None
         if problem is None:
             problem, resolved = _locate(name, folder, seen_name, seen_path)
+        if problem is not None and first and os.path.splitext(fields[0])[1].lower() not in IMAGE_EXTS:
+            problem += "; a header line? Label files have none: delete it"
+        first = False
         if problem is not None or resolved is None:
             problems.append(f"{path}:{lineno}: {problem} ({raw.strip()[:_MAX_TEXT]})")
             continue

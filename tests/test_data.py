@@ -159,6 +159,12 @@ BAD_TRAIN = {
     "missing label": ("a.png 0\nb.png\n", 2, "missing label"),
     "empty label file": ("\n  \r\n", 1, "empty label file"),
     "same file twice": ("a.png 0\na.jpg 0\n", 2, "resolves to the same file as line 1"),
+    "header line": (
+        "image label\na.png 0\nb.png 1\n",
+        1,
+        "label must be 0 (real) or 1 (fake); a header line? Label files have none: delete it (image label)",
+    ),
+    "bad first line, not a header": ("a.png 2\nb.png 1\n", 1, "label must be 0 (real) or 1 (fake) (a.png 2)"),
 }
 
 
