@@ -358,19 +358,17 @@ def schedule(
 def all_checked(checks: list[Callable[[], None]]) -> None:
     """Run every set-up check and raise one error naming each problem found: a new user on md5
     names and an offline machine learns both fixes from one run, not one per run."""
-    errors = []
+    errors: list[FoldkitError] = []
     for check in checks:
         try:
             check()
         except FoldkitError as exc:
-            errors.append(str(exc))
-    if len(errors) > 1:
-        raise FoldkitError(
-            f"{len(errors)} problems stop the run before any work:\n\n"
-            + "\n\n".join(f"{i}. {text}" for i, text in enumerate(errors, 1))
-        )
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
     if errors:
-        raise FoldkitError(errors[0])
+        parts = [f"problem {i} of {len(errors)}: {exc}" for i, exc in enumerate(errors, 1)]
+        raise FoldkitError(f"{len(errors)} problems stop the run before any work.\n\n" + "\n\n".join(parts))
 
 
 def jobs_workers(slots: int) -> int:

@@ -175,6 +175,13 @@ def _spaced_name(fields: list[str]) -> str | None:
     return None
 
 
+def _looks_like_header(fields: list[str]) -> bool:
+    """``image label``, ``filename``: no image extension, and no number where the label goes (a name
+    without an extension is valid, ``img001 2`` is a data line with a bad label)."""
+    no_ext = os.path.splitext(fields[0])[1].lower() not in IMAGE_EXTS
+    return no_ext and (len(fields) < 2 or not fields[1].lstrip("+-").isdigit())
+
+
 def _parse_line(fields: list[str], labelled: bool) -> tuple[str, int, str | None]:
     """``(name, label, problem)`` of one non-blank line; test labels are always ``NO_LABEL``."""
     spaced = _spaced_name(fields) if len(fields) > 1 else None
@@ -242,8 +249,8 @@ def _parse_split(data_dir: Path, phase: str, problems: list[str]) -> _Split | No
         resolved = None
         if problem is None:
             problem, resolved = _locate(name, folder, seen_name, seen_path)
-        if problem is not None and first and os.path.splitext(fields[0])[1].lower() not in IMAGE_EXTS:
-            problem += "; a header line? Label files have none: delete it"
+        if problem is not None and first and _looks_like_header(fields):
+            problem += "; if this is a header line, delete it: label files have none"
         first = False
         if problem is not None or resolved is None:
             problems.append(f"{path}:{lineno}: {problem} ({raw.strip()[:_MAX_TEXT]})")

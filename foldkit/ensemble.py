@@ -77,7 +77,8 @@ class Options:
     on_bad_image: str | None = None  # test images that cannot be decoded: error or skip (the fallback
     # label); None: what each checkpoint's config says (data.on_bad_image)
     stores: dict = field(default_factory=dict, repr=False)  # image stores opened so far, by (split, size)
-    test_index: pd.DataFrame | None = field(default=None, repr=False)  # the test label file, once read
+    # the test label file as this run read it (open_test_images); fit() starts without it
+    test_index: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -413,6 +414,7 @@ def fit(opts: Options, check_test: bool = False) -> Fitted:
     the outer loop, write the report. ``check_test`` (test mode): the test inputs are read and decoded
     first (``open_test_images``), so bad test data stops the run before the report is rewritten."""
     check_trained(opts)
+    opts.test_index = None  # read afresh by this run's open_test_images
     from foldkit.blend import best_threshold, nested_threshold_f1
     from foldkit.calibrate import calibrate_oof, crossfit_oof, positive_rate
     from foldkit.oof import load_oof

@@ -63,7 +63,8 @@ def discover(work_dir: Path, exps: list[str], several: bool) -> list[ModelOOF]:
         if not root.is_dir():
             raise FoldkitError(
                 f"no OOF predictions for experiment '{exp}': {root} does not exist "
-                f"(train first: python {shlex.quote(script('main.py'))} --config configs/{exp}.yaml)"
+                f"(train first: python {shlex.quote(script('main.py'))} --config "
+                f"{shlex.quote(f'configs/{exp}.yaml')})"
             )
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             files = {int(f.stem[4:]): f for f in sub.glob("fold*.csv") if f.stem[4:].isdigit()}

@@ -112,7 +112,8 @@ def predict_probs(
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         why = (
-            "fp16 overflows past 65,504: try --set train.amp=none, or bf16 on a GPU that has it natively"
+            "fp16 overflows past 65,504: predict on the CPU (--device cpu), or train with --set "
+            "train.amp=none, or bf16 on a GPU that has it natively"
             if amp_dtype == torch.float16
             else "diverged training? try a lower train.lr or train.grad_clip"
         )

@@ -123,12 +123,13 @@ def device_setup(device: str, config_device: str, slots: int = 1) -> tuple[dict[
 
     ``cuda:N`` shows the job only GPU N (of the GPUs this process sees) and keeps the config's device
     when it already means "a GPU" (auto, cuda): the saved config then matches a sequential run's.
-    ``cpu`` gets its share of the cores as torch's thread count (``OMP_NUM_THREADS``, unless set):
+    ``cpu`` beside other jobs gets its share of torch's threads (``OMP_NUM_THREADS``, unless set):
     each job would otherwise start one compute thread per core, and two jobs on a 2-core machine
-    ran at 30 images/s each against 800 for one job alone (docs/benchmarks.md).
+    trained at 36 images/s each against 577 with their share (docs/benchmarks.md).
     """
     if device == "cpu":
-        threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(_cpu_share(slots))}
+        shared = slots > 1 and "OMP_NUM_THREADS" not in os.environ
+        threads = {"OMP_NUM_THREADS": str(_cpu_share(slots))} if shared else {}
         return threads, [] if config_device == "cpu" else ["--device", "cpu"]
     index = int(device.split(":")[1])
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -138,8 +139,11 @@ def device_setup(device: str, config_device: str, slots: int = 1) -> tuple[dict[
 
 
 def _cpu_share(slots: int) -> int:
-    """The cores each of ``slots`` jobs at once may use (at least one)."""
-    return max(1, (os.cpu_count() or 1) // slots)
+    """torch's compute threads for each of ``slots`` jobs at once (at least one): this process's own
+    count (torch's default: the physical cores this process may use) split between them."""
+    import torch  # main.py has imported it by the time jobs start
+
+    return max(1, torch.get_num_threads() // slots)
 
 
 def run_jobs(

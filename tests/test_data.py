@@ -162,9 +162,11 @@ BAD_TRAIN = {
     "header line": (
         "image label\na.png 0\nb.png 1\n",
         1,
-        "label must be 0 (real) or 1 (fake); a header line? Label files have none: delete it (image label)",
+        "label must be 0 (real) or 1 (fake); if this is a header line, delete it: label files have none "
+        "(image label)",
     ),
     "bad first line, not a header": ("a.png 2\nb.png 1\n", 1, "label must be 0 (real) or 1 (fake) (a.png 2)"),
+    "no extension, not a header": ("a 2\nb.png 1\n", 1, "label must be 0 (real) or 1 (fake) (a 2)"),
 }
 
 

@@ -212,12 +212,14 @@ def test_devices_trains_folds_at_once_leaving_the_sequential_artifacts(
 
 
 def test_cpu_jobs_at_once_share_the_cores_as_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each CPU job would start one compute thread per core: two jobs on 2 cores ran at 30 images/s
-    each against 800 for one alone. A set OMP_NUM_THREADS is the user's and wins."""
+    """Each CPU job would start one compute thread per core: two jobs on 2 cores trained at 36
+    images/s each against 577 with their share. One job alone keeps torch's default; a set
+    OMP_NUM_THREADS is the user's and wins."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert device_setup("cpu", "cpu", 4) == ({"OMP_NUM_THREADS": "4"}, [])
     assert device_setup("cpu", "auto", 32) == ({"OMP_NUM_THREADS": "1"}, ["--device", "cpu"])
+    assert device_setup("cpu", "cpu", 1) == ({}, [])  # alone: as a sequential run
     assert device_setup("cuda:1", "auto", 2) == ({"CUDA_VISIBLE_DEVICES": "1"}, [])
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert device_setup("cpu", "cpu", 4) == ({}, [])

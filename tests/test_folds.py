@@ -721,9 +721,9 @@ def test_main_py_names_every_set_up_problem_in_one_run(
     data, work = make_data(tmp_path, names=md5), tmp_path / "w"
     assert train_tiny(data, work, "--set", r"data.group_regex=S\d+") == 2
     err = capsys.readouterr().err
-    assert "2 problems stop the run before any work:" in err
-    assert "1. group_regex 'S\\d+' matches only 0 of 40 names" in err
-    assert "2. " in err and "test_efficientnet" in err and "no internet" in err
+    assert "2 problems stop the run before any work." in err
+    assert "problem 1 of 2: group_regex 'S\\d+' matches only 0 of 40 names" in err
+    assert "problem 2 of 2: pretrained weights cannot be loaded" in err and "no internet" in err
     assert not (work / "store").exists() and not (work / "folds").exists()
 
 

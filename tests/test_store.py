@@ -843,7 +843,7 @@ def test_a_file_where_the_store_folder_should_be_is_an_error_not_a_hang(data: Pa
 
 @pytest.mark.parametrize(
     ("dtype", "advice"),
-    [(torch.float16, "fp16 overflows past 65,504: try --set train.amp=none"), (None, "diverged training?")],
+    [(torch.float16, "fp16 overflows past 65,504: predict on the CPU (--device cpu)"), (None, "diverged")],
 )
 def test_nan_predictions_are_named_with_advice_for_the_precision(
     data: Path, dtype: torch.dtype | None, advice: str
