@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from sklearn.metrics import (
 )
 
 from foldkit.blend import best_threshold, f1_at, f1_curve
-from foldkit.io import FoldkitError, atomic_path, atomic_write_text, read_json_artifact
+from foldkit.io import FoldkitError, atomic_path, atomic_write_text, read_json_artifact, script
 
 matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt
@@ -809,13 +810,23 @@ def main(argv: list[str] | None = None) -> int:
     return run(lambda _: _print_report(args.report))
 
 
+def _make_report_command(path: Path) -> str:
+    """The ``ensemble.py`` command that writes ``path``: with its experiment and work folder when the
+    path has the ``<work-dir>/oof/<exp>/report.json`` layout."""
+    words = ["python", script("ensemble.py"), "--mode", "val"]
+    if path.parent.parent.name == "oof":
+        words += ["--exp", path.parent.name, "--work-dir", str(path.parent.parent.parent)]
+    return shlex.join(words)
+
+
 def _print_report(path: Path) -> int:
     """The summary of ``path`` (a report.json, its folder, or the report.md beside it)."""
     if path.is_dir() or path.suffix == ".md":
         path = (path if path.is_dir() else path.parent) / "report.json"
+    make = _make_report_command(path)
     if not path.is_file():
-        raise FoldkitError(f"{path} not found (make it with python ensemble.py --mode val)")
-    again = "make it again with python ensemble.py --mode val"
+        raise FoldkitError(f"{path} not found (make it with {make})")
+    again = f"make it again with {make}"
     report = read_json_artifact(path, again)
     try:
         print(summary_table(report))

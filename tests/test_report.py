@@ -238,6 +238,9 @@ def test_report_cli_takes_the_json_its_folder_or_the_md_and_names_a_bad_file(
     assert "is not a whole foldkit report (missing or odd: " in capsys.readouterr().err
     assert main([str(tmp_path / "nothing")]) == 2
     assert "not found (make it with python ensemble.py --mode val)" in capsys.readouterr().err
+    assert main([str(tmp_path / "w/oof/demo/report.json")]) == 2  # the layout names experiment and folder
+    want = f"make it with python ensemble.py --mode val --exp demo --work-dir {tmp_path / 'w'})"
+    assert want in capsys.readouterr().err
 
 
 def test_platt_parameters_are_kept_exact_in_report_json() -> None:
