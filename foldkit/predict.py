@@ -24,7 +24,7 @@ import ttach
 from torch import nn
 from tqdm.auto import tqdm
 
-from foldkit.config import TTA_NAMES, RunConfig, from_dict
+from foldkit.config import RunConfig, canonical_tta, from_dict
 from foldkit.dataset import ImageDataset, ImageSource, make_loader
 from foldkit.device_transforms import DeviceLoader, DeviceTransform
 from foldkit.distributed import gather_by_index, is_main, shard
@@ -43,23 +43,20 @@ def parse_tta(text: str) -> list[str]:
 
 
 def tta_transforms(names: Sequence[str]) -> ttach.Compose | None:
-    """ttach transforms for the config's TTA names; None when no TTA (``none`` or empty)."""
-    unknown = [n for n in names if n not in TTA_NAMES]
-    if unknown:
-        raise FoldkitError(f"unknown TTA {unknown}; choose from {', '.join(TTA_NAMES)}")
-    names = [n for n in names if n != "none"]
-    if not names:
+    """ttach transforms for the config's TTA names; None when no TTA (``none`` or empty). Built from
+    ``canonical_tta``'s spelling (which also refuses unknown names), so lists it calls equal build
+    equal transforms."""
+    names = canonical_tta(names)
+    if names == ["none"]:
         return None
-    if "d4" in names:
+    if names == ["d4"]:
         return ttach.aliases.d4_transform()
-    ops = []
-    if "hflip" in names:
-        ops.append(ttach.HorizontalFlip())
-    if "vflip" in names:
-        ops.append(ttach.VerticalFlip())
-    if "rot90" in names:
-        ops.append(ttach.Rotate90(angles=[0, 90, 180, 270]))
-    return ttach.Compose(ops)
+    make = {
+        "hflip": ttach.HorizontalFlip,
+        "vflip": ttach.VerticalFlip,
+        "rot90": lambda: ttach.Rotate90(angles=[0, 90, 180, 270]),
+    }
+    return ttach.Compose([make[n]() for n in names])
 
 
 class _Probability(nn.Module):
