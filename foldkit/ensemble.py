@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,12 +113,33 @@ def trained_experiments(work_dir: Path) -> list[str]:
     return sorted(e for e in exps if _fold_files(work_dir, e, ".csv"))
 
 
+def _resolved(path: Path) -> dict:
+    """The config the YAML at ``path`` resolves to with no overrides, as plain JSON values (what an
+    OOF sidecar records)."""
+    return json.loads(json.dumps(to_dict(load_config(path))))
+
+
 def _same_config(path: Path, recorded: dict) -> bool:
     """Whether the YAML at ``path``, with no overrides, resolves to the ``recorded`` config."""
     try:
-        return json.loads(json.dumps(to_dict(load_config(path)))) == recorded
+        return _resolved(path) == recorded
     except FoldkitError:
         return False
+
+
+def _recorded_configs(work_dir: Path, exp: str) -> Iterator[tuple[dict, Path]]:
+    """(resolved config, the run's saved ``config.yaml``) for ``exp``'s runs: the finished folds first
+    (their OOF sidecars), then every started one (its saved config, which ``main.py`` resumes with)."""
+    for sidecar in _fold_files(work_dir, exp, ".json"):
+        recorded = (_read_key(sidecar) or {}).get("config")
+        if isinstance(recorded, dict):
+            yield recorded, work_dir / "models" / exp / sidecar.parent.name / sidecar.stem / "config.yaml"
+    for saved in sorted((work_dir / "models" / exp).glob("*/fold*/config.yaml")):
+        try:
+            recorded = _resolved(saved)
+        except FoldkitError:
+            continue
+        yield recorded, saved
 
 
 def config_arg(work_dir: Path, exp: str) -> str:
@@ -131,24 +152,11 @@ def config_arg(work_dir: Path, exp: str) -> str:
     if it exists, else the default.
     """
     shipped = f"configs/{exp}.yaml"
-    for sidecar in _fold_files(work_dir, exp, ".json"):
-        meta = _read_key(sidecar) or {}
-        recorded = meta.get("config")
-        if not isinstance(recorded, dict):
-            continue
+    for recorded, saved in _recorded_configs(work_dir, exp):
         if (PROJECT_ROOT / shipped).is_file() and _same_config(PROJECT_ROOT / shipped, recorded):
             return shipped
-        saved = work_dir / "models" / exp / sidecar.parent.name / sidecar.stem / "config.yaml"
         if saved.is_file():
             return str(saved)
-    for saved in sorted((work_dir / "models" / exp).glob("*/fold*/config.yaml")):
-        try:
-            recorded = json.loads(json.dumps(to_dict(load_config(saved))))
-        except FoldkitError:
-            continue
-        if (PROJECT_ROOT / shipped).is_file() and _same_config(PROJECT_ROOT / shipped, recorded):
-            return shipped
-        return str(saved)
     return shipped if (PROJECT_ROOT / shipped).is_file() else "configs/default.yaml"
 
 
